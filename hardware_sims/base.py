@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from .clock import VirtualClock
-from .faults import Fault, FaultBox
+from .faults import Fault, FaultBox, FaultKind
 from .world import World
 
 
@@ -22,7 +22,7 @@ class MqttBrokerConfig(BaseModel):
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = None
-    #: Topic prefix of the simulated cell's MQTT devices: ``<prefix>/<device>/...``.
+    #: Topic prefix of the simulated cell's MQTT devices: ``<prefix>/<cell>/<device>/...``.
     prefix: str = "labd-sim"
 
 
@@ -84,6 +84,15 @@ class SimInstrument(ABC):
     async def apply_initial_faults(self) -> None:
         for fault in self.config.faults:
             await self.faults.set(fault)
+
+    async def set_fault(self, fault: Fault) -> None:
+        """Inject ``fault`` now (event faults happen through the FaultBox listeners)."""
+        await self.faults.set(fault)
+
+    async def clear_fault(self, kind: FaultKind | None = None) -> None:
+        """End ``kind`` (or every fault). Devices override it to undo event faults at once:
+        plug a pulled cable back in, bring a dropped MQTT device back."""
+        self.faults.clear(kind)
 
     @abstractmethod
     async def start(self) -> None: ...

@@ -44,9 +44,9 @@ class ByteDevice(ABC):
 class LineDevice(ByteDevice):
     """A device that reads terminated ASCII lines, with optional real-time single bytes.
 
-    ``terminators`` are the bytes that end a line (both CR and LF by default: an empty line between
-    them is ignored). ``realtime`` bytes are handled the moment they arrive, outside any line (GRBL's
-    ``?``, ``!``, ``~`` and Ctrl-X).
+    ``terminators`` are the bytes that end a line (both CR and LF by default: an empty line
+    between them is ignored). ``realtime`` bytes are handled the moment they arrive, outside any
+    line (GRBL's ``?``, ``!``, ``~`` and Ctrl-X).
     """
 
     terminators: bytes = b"\r\n"

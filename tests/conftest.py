@@ -42,7 +42,7 @@ def make_context(
     mqtt = MqttBrokerConfig(
         host=broker.host if broker else "127.0.0.1",
         port=broker.port if broker else 1883,
-        prefix=f"labd-sim/{cell}",
+        prefix="labd-sim",
     )
     return SimContext(cell=cell, clock=clock, world=world, run_dir=run_dir, mqtt=mqtt, seed=1)
 
