@@ -87,8 +87,6 @@ def apply_overrides(cfg: SimCellConfig, args: argparse.Namespace) -> SimCellConf
         if not port.isdigit():
             raise ConfigError(f"--mqtt: expected HOST:PORT, got {args.mqtt!r}")
         data["mqtt"]["host"], data["mqtt"]["port"] = host or "127.0.0.1", int(port)
-    if args.control_port is not None:
-        data["control"]["port"] = args.control_port
     if args.ephemeral_ports:
         data["control"]["port"] = 0
         for dev in data["devices"].values():
@@ -97,6 +95,8 @@ def apply_overrides(cfg: SimCellConfig, args: argparse.Namespace) -> SimCellConf
                 serial["tcp_port"] = 0
             if dev.get("tcp_port") is not None:
                 dev["tcp_port"] = 0
+    if args.control_port is not None:  # an explicit port wins over --ephemeral-ports
+        data["control"]["port"] = args.control_port
     from .config import validate_config
 
     return validate_config(data, "command line")
