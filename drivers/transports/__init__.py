@@ -12,8 +12,20 @@ device and command, reads retried only when the call says ``idempotent=True``, t
 DEBUG on ``labd.wire.<device>``, and :class:`~drivers.transports.stats.TransportStats`.
 """
 
+from .modbus import ModbusBus, ModbusDevice
+from .mqtt import MqttConnection, MqttMessage
 from .serial import SerialSession, SerialTransport
 from .stats import TransportStats
 from .wirelog import WireLog, format_bytes
 
-__all__ = ["SerialSession", "SerialTransport", "TransportStats", "WireLog", "format_bytes"]
+__all__ = [
+    "ModbusBus",
+    "ModbusDevice",
+    "MqttConnection",
+    "MqttMessage",
+    "SerialSession",
+    "SerialTransport",
+    "TransportStats",
+    "WireLog",
+    "format_bytes",
+]
