@@ -112,6 +112,9 @@ class ModbusBus:
             host, port=port, framer=FramerType.RTU, timeout=timeout, retries=0,
             reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max, name=name,
         )
+        # pymodbus closes a TCP link after a few unanswered requests in a row. Behind a serial
+        # gateway, silence means one device is off the line, not that the link is bad: keep it.
+        client.set_max_no_responses(1 << 30)
         return cls(name, client, timeout=timeout, **kw)
 
     @classmethod

@@ -120,6 +120,10 @@ async def test_rtu_over_tcp_two_devices_and_silent_id(
         with pytest.raises(DeviceTimeout):
             await bus.device(7, "ghost").write_register(24, 1)
         assert bus.stats.timeouts == 3  # a write is sent once
+        for _ in range(3):  # a silent device does not make the bus drop the gateway link
+            with pytest.raises(DeviceTimeout):
+                await bus.device(7, "ghost").read_holding_registers(1, retries=0)
+        assert bus.connected and bus.stats.disconnects == 0
         assert await bus.device(1, "furnace").read_holding_registers(2) == [2]
     finally:
         bus.close()
