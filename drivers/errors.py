@@ -11,6 +11,8 @@ technician reading a log or an API error knows which instrument failed doing wha
                         wrong echo, unparsable number); carries the raw bytes.
     ``InstrumentError`` the instrument understood and refused: its own ``code`` and ``message``
                         (a Modbus exception reply, MT-SICS ``ES``/``EL``/``I n``, GRBL ``error:N``).
+    ``InvalidParameter`` a value out of the instrument's range or in the wrong unit: refused by
+                        the driver before anything was sent (also a ``ValueError``).
     ``NotConnected``    the link is down (port vanished, broker gone, connection refused); the
                         transport reopens it on a later command, with a backoff.
 
@@ -87,6 +89,14 @@ class NotConnected(DriverError):
 
     def __init__(self, device: str, command: str | None, detail: str = "not connected") -> None:
         text = f"{detail} (command {command!r} not sent)" if command else detail
+        super().__init__(device, command, text)
+
+
+class InvalidParameter(DriverError, ValueError):
+    """A parameter the instrument cannot take; nothing was sent."""
+
+    def __init__(self, device: str, command: str | None, detail: str) -> None:
+        text = f"{command}: {detail} (nothing sent)" if command else f"{detail} (nothing sent)"
         super().__init__(device, command, text)
 
 
