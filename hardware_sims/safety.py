@@ -67,7 +67,7 @@ class SafetyConfig(DeviceConfig):
     h2o_noise_ppm: float = Field(default=0.05, ge=0)
     #: Reported in the online status.
     model: str = "SIM-GLOVEBOX-1"
-    serial: str = "GB-0001"
+    serial_number: str = "GB-0001"
     #: Reconnect backoff (wall-clock seconds): first delay, doubling up to the maximum.
     reconnect_min_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=2.0, gt=0)
@@ -110,7 +110,7 @@ class SafetySim(MqttDevice):
 
     # -- MqttDevice hooks --------------------------------------------------------------------------
     def status_extra(self) -> dict[str, Any]:
-        return {"model": self.config.model, "serial": self.config.serial}
+        return {"model": self.config.model, "serial": self.config.serial_number}
 
     def subscriptions(self) -> list[str]:
         return []

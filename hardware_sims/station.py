@@ -112,7 +112,7 @@ class StationConfig(DeviceConfig):
     keepalive_s: int = Field(default=10, ge=1)
     #: Reported in the online status.
     model: str = "SIM-XRF-1"
-    serial: str = "XRF-0001"
+    serial_number: str = "XRF-0001"
     #: Reconnect backoff (wall-clock seconds): first delay, doubling up to the maximum.
     reconnect_min_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=2.0, gt=0)
@@ -160,7 +160,7 @@ class StationSim(MqttDevice):
 
     # -- MqttDevice hooks --------------------------------------------------------------------------
     def status_extra(self) -> dict[str, Any]:
-        return {"model": self.config.model, "serial": self.config.serial}
+        return {"model": self.config.model, "serial": self.config.serial_number}
 
     def subscriptions(self) -> list[str]:
         return [f"{self.root}/cmd/+"]
