@@ -1,0 +1,56 @@
+"""Fixtures for drivers in the real Bluesky RunEngine.
+
+As DESIGN.md fixes it: the RunEngine is created first and owns its event loop (in a thread of its
+own); simulators, transports and devices are started *on that loop* (``in_re_loop``), and the
+test thread calls ``RE(plan)``. Every document the RunEngine emits is validated against
+event-model's JSON schemas as it is produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from bluesky.run_engine import RunEngine, call_in_bluesky_event_loop
+from event_model import DocumentNames, schema_validators
+
+T = TypeVar("T")
+
+
+class ValidatedDocuments:
+    """Collects (name, doc) pairs, validating each against event-model's schema on arrival."""
+
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        schema_validators[DocumentNames(name)].validate(doc)
+        self.docs.append((name, doc))
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [d for n, d in self.docs if n == name]
+
+    def event_data(self, key: str) -> list[Any]:
+        return [e["data"][key] for e in self.of("event")]
+
+
+@pytest.fixture
+def RE() -> Iterator[RunEngine]:
+    engine = RunEngine(call_returns_result=True)
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+    # The loop is bluesky's shared one (get_bluesky_event_loop), kept for the next test.
+
+
+@pytest.fixture
+def docs(RE: RunEngine) -> ValidatedDocuments:
+    collector = ValidatedDocuments()
+    RE.subscribe(collector)
+    return collector
+
+
+def in_re_loop(coro: Awaitable[T], timeout: float | None = 30.0) -> T:
+    """Run ``coro`` on the RunEngine's event loop from the (synchronous) test thread."""
+    return call_in_bluesky_event_loop(coro, timeout=timeout)
