@@ -41,7 +41,10 @@ def RE() -> Iterator[RunEngine]:
     yield engine
     if engine.state != "idle":
         engine.halt()
-    # The loop is bluesky's shared one (get_bluesky_event_loop), kept for the next test.
+    # Each RunEngine starts a loop of its own in a thread (and makes it bluesky's current loop,
+    # which ``in_re_loop`` uses); stop it so tests do not leak threads.
+    engine.loop.call_soon_threadsafe(engine.loop.stop)
+    engine._th.join(5)
 
 
 @pytest.fixture
