@@ -163,11 +163,15 @@ class LoadCell:
         self._watcher: asyncio.Task[None] | None = None
 
     # -- load tracking -------------------------------------------------------------------------
-    def track(self) -> None:
-        """Look at the true load now; a change starts a new settling phase."""
+    def track(self, disturbed: bool = False) -> None:
+        """Look at the true load now; a change starts a new settling phase.
+
+        ``disturbed``: the load is being changed right now (powder falling into the vial), so
+        the reading is unstable even if the change so far is below the readability.
+        """
         now = self.clock.now()
         load = self._load()
-        if abs(load - self._target) > self.readability_g / 2:
+        if disturbed or abs(load - self._target) > self.readability_g / 2:
             self._from = self._mean(now)
             self._target = load
             self._changed = now
