@@ -102,6 +102,18 @@ def apply_overrides(cfg: SimCellConfig, args: argparse.Namespace) -> SimCellConf
     return validate_config(data, "command line")
 
 
+#: What each kind of simulated instrument speaks, for the start-up table.
+PROTOCOLS = {
+    "balance": "MT-SICS",
+    "doser": "MT-SICS + QRA/QRD",
+    "gantry": "GRBL 1.1 G-code",
+    "furnace": "Modbus RTU / TCP",
+    "probe": "SCPI (Keithley 2400)",
+    "station": "MQTT cmd/ack/result",
+    "safety": "MQTT telemetry",
+}
+
+
 def format_endpoints(ep: dict[str, Any]) -> str:
     lines = [f"labd-sim: cell {ep['cell']!r} running, time scale {ep['time_scale']:g}x"]
     gt = ep["ground_truth"]
@@ -109,12 +121,14 @@ def format_endpoints(ep: dict[str, Any]) -> str:
     lines.append(f"  ground truth: {gt['property']} [{gt['unit']}] ({gt['goal']}) from {source}")
     for name, d in ep["devices"].items():
         if d.get("transport") == "mqtt":
-            where = f"mqtt://{d.get('broker', '?')} topic {d.get('topic', d.get('address', '?'))}"
+            where = f"mqtt://{d['address']}  topics {d['root']}/..."
         else:
-            parts = [str(d[k]) for k in ("pty", "tcp", "url") if k in d]
-            extra = f" unit {d['unit_id']}" if "unit_id" in d else ""
-            where = " | ".join(dict.fromkeys(parts)) + extra
-        lines.append(f"  {name:<8} {d['kind']:<10} {d.get('protocol', ''):<16} {where}")
+            parts = [str(d[k]) for k in ("pty", "url") if k in d]
+            if "modbus_tcp" in d:
+                parts.append(f"modbus-tcp://{d['modbus_tcp']}")
+            extra = f"  (unit {d['unit_id']})" if "unit_id" in d else ""
+            where = " | ".join(parts) + extra
+        lines.append(f"  {name:<8} {PROTOCOLS.get(d['kind'], ''):<22} {where}")
     lines.append(
         f"  control  json-lines tcp://{ep['control']}  (labd-simctl --control "
         f"{ep['control']} state)"

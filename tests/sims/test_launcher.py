@@ -105,7 +105,7 @@ def test_every_instrument_answers_its_own_protocol(
 
     # The furnace with mbpoll, on Modbus TCP: one holding register (mbpoll's -r is 1-based,
     # so -r 2 reads address 1, the process value).
-    host, port = devices["furnace"]["tcp"].split(":")
+    host, port = devices["furnace"]["modbus_tcp"].split(":")
     out = subprocess.run(
         [
             "mbpoll",
