@@ -1,0 +1,1 @@
+"""Protocol clients, one module per instrument (see DESIGN.md: labd -> protocols -> drivers)."""
