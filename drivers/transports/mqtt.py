@@ -46,6 +46,7 @@ import contextlib
 import inspect
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -290,6 +291,9 @@ class MqttConnection:
             self.host, self.port, identifier=self.client_id, will=will,
             keepalive=self.keepalive, timeout=self.timeout,
             username=self.username, password=self.password,
+            # paho leaves Nagle's algorithm on: a command and its reply then each wait for the
+            # peer's delayed ACK (~40 ms), and a round trip took 88 ms instead of 0.5 ms.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
 
     async def _run(self) -> None:

@@ -140,6 +140,8 @@ async def test_garble_error_and_no_reply(safety: SafetySim, mosquitto: Mosquitto
         await safety.control("set_o2", {"ppm": 3.0})
         o2 = (await p.expect(f"{R}/telemetry/o2_ppm", start=mark)).json()
         assert o2["value"] is None and o2["error"] == {"code": 7, "message": "sensor error 7"}
+        # The whole round carries the error: wait for its last topic before the next mark.
+        await p.expect(f"{R}/telemetry/estop", lambda v: v["value"] is None, start=mark)
 
         await safety.set_fault(Fault(kind=FaultKind.NO_REPLY))
         mark = p.mark()
