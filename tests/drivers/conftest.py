@@ -8,6 +8,7 @@ event-model's JSON schemas as it is produced.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
@@ -43,8 +44,19 @@ def RE() -> Iterator[RunEngine]:
         engine.halt()
     # Each RunEngine starts a loop of its own in a thread (and makes it bluesky's current loop,
     # which ``in_re_loop`` uses); stop it so tests do not leak threads.
+    call_in_bluesky_event_loop(_cancel_leftover_tasks(), timeout=10)
     engine.loop.call_soon_threadsafe(engine.loop.stop)
     engine._th.join(5)
+
+
+async def _cancel_leftover_tasks() -> None:
+    """Cancel and await what is still running on the loop (monitor polls, reconnect loops), so
+    no task is destroyed pending when the loop stops."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture

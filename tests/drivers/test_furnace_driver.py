@@ -1,7 +1,8 @@
 """Furnace driver (Eurotherm 3216 / EPC3016) against the in-process simulator.
 
-Every client method runs over Modbus TCP and over Modbus RTU on the simulator's pty. RTU framing
-over TCP is skipped: the simulator's TCP side speaks MBAP only (see the skipped test).
+Every client method runs over Modbus TCP, over Modbus RTU on the simulator's pty, and over RTU
+framing through TCP (the simulator's serial line also served on a socket, as a serial device
+server in a lab serves an RS-485 line).
 Faults are the simulator's, seen from the driver. The Bluesky tests use the real RunEngine with
 schema-validated documents; the simulator and the devices run on the RunEngine's loop.
 """
@@ -39,13 +40,14 @@ from drivers.instruments.furnace import (
 )
 from drivers.links import Links, ModbusLink
 from drivers.ophyd.furnace import make_furnace_device
+from hardware_sims.base import SerialEndpointConfig
 from hardware_sims.faults import Fault, FaultKind
 from hardware_sims.furnace import FurnaceConfig, FurnaceSim
 from tests.conftest import make_context
 from tests.drivers.conftest import ValidatedDocuments, in_re_loop
 from tests.support.procs import wait_for
 
-FRAMINGS = ["tcp", "rtu"]
+FRAMINGS = ["tcp", "rtu", "rtu_tcp"]
 TIME_SCALE = 200.0
 #: Heating to 300 °C and settling takes ~15 virtual minutes (PID with a lagging heater).
 RE_TIME_SCALE = 1000.0
@@ -55,6 +57,10 @@ def link_for(sim: FurnaceSim, framing: str, timeout: float = 0.3) -> ModbusLink:
     ep = sim.endpoint()
     if framing == "tcp":
         return ModbusLink(framing="tcp", host="127.0.0.1", port=ep["tcp_port"], unit_id=1,
+                          timeout_s=timeout)
+    if framing == "rtu_tcp":
+        host, port = ep["tcp"].split(":")
+        return ModbusLink(framing="rtu_tcp", host=host, port=int(port), unit_id=1,
                           timeout_s=timeout)
     return ModbusLink(framing="rtu", url=str(ep["pty"]), unit_id=1, timeout_s=timeout)
 
@@ -69,6 +75,8 @@ class Rig:
 
 async def make_rig(tmp_path: Path, framing: str, read_retries: int = 0, **cfg: Any) -> Rig:
     ctx = make_context(tmp_path, time_scale=TIME_SCALE)
+    if framing == "rtu_tcp":  # the RS-485 line also served on a socket (a serial server)
+        cfg.setdefault("serial", SerialEndpointConfig(pty=True, tcp_port=0))
     sim = FurnaceSim("furnace", FurnaceConfig(**cfg), ctx)
     await sim.start()
     links = Links()
@@ -306,11 +314,6 @@ async def test_other_unit_id_is_silent_on_rtu(tmp_path: Path) -> None:
         await r.sim.stop()
 
 
-def test_rtu_over_tcp_not_testable_here() -> None:
-    pytest.skip("RTU framing over TCP: the furnace simulator's TCP side serves MBAP framing "
-                "only (pymodbus ModbusTcpServer), and the brief forbids faking a gateway")
-
-
 # -- ophyd-async in the real RunEngine -----------------------------------------------------------
 @dataclass
 class ReRig:
@@ -323,7 +326,7 @@ class ReRig:
 def re_rig(request: pytest.FixtureRequest, RE: RunEngine, tmp_path: Path) -> Iterator[ReRig]:
     async def start() -> ReRig:
         ctx = make_context(tmp_path, time_scale=RE_TIME_SCALE)
-        sim = FurnaceSim("furnace", FurnaceConfig(), ctx)
+        sim = FurnaceSim("furnace", FurnaceConfig(serial=SerialEndpointConfig(tcp_port=0)), ctx)
         await sim.start()
         links = Links()
         client = Furnace("furnace", FurnaceSettings(link=link_for(sim, request.param, 0.5),
