@@ -475,15 +475,18 @@ class Gantry:
             # interprets our report and wakes us.
             event = self._status_event
             await self.port.write_realtime(b"?", command="?")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.command_timeout_s):
-                    await event.wait()
+            t = self.settings.command_timeout_s
+            deadline = time.monotonic() + t
+            # Wait in slices: if the holder lets go first, our report waits in the buffer and
+            # the session below reads it.
+            while self._in_session and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, self.settings.poll_interval_s))
+                if event.is_set():
                     assert self.last_status is not None
                     return self.last_status
             if self._in_session:
-                raise DeviceTimeout(
-                    self.name, "?", self.settings.command_timeout_s, "no status report ('?')"
-                )
+                raise DeviceTimeout(self.name, "?", t, "no status report ('?')")
         async with self._session() as s:
             if self.locked_until_reset:
                 return await self.status()
