@@ -401,14 +401,7 @@ class Doser:
                                              command=cmd)
         except DeviceTimeout:
             line = None  # B lost (or very late): wait for the final reply all the same
-        if line is not None:
-            try:
-                first = parse_status(self.name, cmd, line, reply_name)
-            except InstrumentError as exc:  # ES / ET / EL: not started
-                raise _Refused(self.name, cmd, exc.code, exc.message) from exc
-            if first.letter in ("I", "L"):
-                err = self._error(cmd, first)
-                raise _Refused(self.name, cmd, err.code, err.message)
+        started = line is None  # unknown, so never "refused at once"
         while True:
             if line is None:
                 remaining = deadline - time.monotonic()
@@ -419,14 +412,23 @@ class Doser:
             if wire != "QRA 61 4" and line.startswith("QRA 61 4 "):  # a stop sent meanwhile
                 line = None
                 continue
-            st = parse_status(self.name, cmd, line, reply_name)
+            try:
+                st = parse_status(self.name, cmd, line, reply_name)
+            except InstrumentError as exc:  # ES / ET / EL
+                if started:
+                    raise
+                raise _Refused(self.name, cmd, exc.code, exc.message) from exc
             if st.letter in ("I", "L"):
-                raise self._error(cmd, st)
+                err = self._error(cmd, st)
+                if started:
+                    raise err
+                raise _Refused(self.name, cmd, err.code, err.message)
             if st.letter == "A":
                 return st
             if st.letter != "B":
                 raise ProtocolError(self.name, cmd, f"unexpected status {st.letter!r}",
                                     line.encode())
+            started = True
             line = None
 
     async def door(self, open: bool, timeout: float | None = None) -> None:
