@@ -126,6 +126,12 @@ class SimCell:
                 "prefix": f"{self.config.mqtt.prefix}/{self.config.cell}",
             },
             "ground_truth": self.truth.describe(),
+            # Where things are in gantry coordinates, so a daemon can drive this cell by name.
+            "locations": {
+                name: {"kind": loc.kind, "x": loc.x, "y": loc.y, "z": loc.z}
+                for name, loc in self.world.locations.items()
+                if name != "floor"
+            },
             "devices": {
                 name: {"kind": dev.kind, **dev.endpoint()} for name, dev in self.devices.items()
             },

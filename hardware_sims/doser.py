@@ -327,7 +327,10 @@ class DoserSim(SimInstrument):
             await self._endpoint.reconnect()
 
     def endpoint(self) -> dict[str, Any]:
-        return dict(self._endpoint.endpoint())
+        ep = dict(self._endpoint.endpoint())
+        # What is loaded where (as a technician would write it on the cell's sheet).
+        ep["heads"] = {str(pos): head.element for pos, head in self.heads.items()}
+        return ep
 
     def _on_reset(self) -> None:
         if self._job_task is not None and not self._job_task.done():

@@ -12,6 +12,9 @@ from hardware_sims.clock import VirtualClock
 from hardware_sims.ground_truth import SyntheticLandscape
 from hardware_sims.world import World, WorldConfig
 from tests.support.procs import Mosquitto
+from tests.support.runengine import RE, docs
+
+__all__ = ["RE", "docs"]  # the real RunEngine and its validated documents, for every test
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OER_CSV = SHARED / "benchmarks" / "oer_plate_3496.csv"
