@@ -1,0 +1,1 @@
+"""Tests of protocols/: campaigns and the optimiser."""
