@@ -1,0 +1,140 @@
+"""The daemon's configuration (``labd --config FILE``), validated by pydantic.
+
+Every key is optional: the embedded defaults run the simulated cell (``labd-sim`` started by the
+daemon, instruments found from its endpoints). A real cell sets ``simulator.enabled: false`` and
+lists its ``instruments`` (addresses) and ``layout`` (where things are). A bad file is refused with
+a message naming the key, the value and what was expected, and the daemon does not start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drivers.cell import InstrumentsConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+class SimulatorConfig(BaseModel):
+    """The simulated cell the daemon starts (a ``labd-sim`` process of its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    #: The simulated cell's YAML (``labd-sim --config``); None: labd-sim's embedded defaults.
+    config: Path | None = None
+    time_scale: float | None = Field(default=None, gt=0)
+    ground_truth: Path | None = None
+    goal: Literal["minimize", "maximize"] | None = None
+    #: The broker the simulated MQTT instruments use, ``HOST:PORT`` (None: as in their config).
+    mqtt: str | None = None
+    start_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _goal(self) -> SimulatorConfig:
+        if self.ground_truth is not None and self.goal is None:
+            raise ValueError("simulator.ground_truth needs simulator.goal (minimize|maximize)")
+        return self
+
+
+class ApiConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8470, ge=0, le=65535)
+
+
+class QueueConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Start the queue at start-up if it was running when the daemon stopped (or was killed).
+    autostart: bool = False
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cell: str = Field(default="sim-cell", pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Durable state: queue, history, journal, campaign state, tokens.
+    data_dir: Path = Path("var/labd")
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    #: The instruments' addresses and settings (a real cell); with the simulator enabled they
+    #: come from its endpoints, and what is given here overrides settings per instrument.
+    instruments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Where things are (locations, rack, furnace slots, doser heads); with the simulator enabled
+    #: it comes from the simulator's endpoints.
+    layout: dict[str, Any] | None = None
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    #: Seconds a device may take to connect at start-up; a device that does not is reported down
+    #: and retried every ``device_retry_s`` in the background.
+    device_timeout_s: float = Field(default=10.0, gt=0)
+    device_retry_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _instruments(self) -> DaemonConfig:
+        if not self.simulator.enabled:
+            try:
+                InstrumentsConfig.model_validate(self.instruments)
+            except ValidationError as exc:
+                raise ValueError(_errors(exc, "instruments")) from None
+        return self
+
+    def instruments_config(self) -> InstrumentsConfig:
+        return InstrumentsConfig.model_validate(self.instruments)
+
+
+def _errors(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        where = f"{prefix}.{where}" if prefix and where else (prefix or where or "(top level)")
+        shown = repr(err.get("input"))
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key (value {shown})")
+        elif err["type"] == "missing":
+            parts.append(f"{where}: required key is missing")
+        else:
+            parts.append(f"{where}: {err['msg']} (got {shown})")
+    return "\n  ".join(parts)
+
+
+def validate_config(data: Any, source: str = "config") -> DaemonConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {kind}")
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid configuration:\n  {_errors(exc)}") from None
+
+
+def load_config(path: Path | str) -> DaemonConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    cfg = validate_config(data, str(path))
+    # Relative paths in the file are relative to the file.
+    base = path.parent
+    sim = cfg.simulator
+    if sim.config is not None and not sim.config.is_absolute():
+        sim.config = (base / sim.config).resolve()
+    if sim.ground_truth is not None and not sim.ground_truth.is_absolute():
+        sim.ground_truth = (base / sim.ground_truth).resolve()
+    return cfg
