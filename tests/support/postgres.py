@@ -85,8 +85,9 @@ class PostgresServer:
         return out.stdout.strip()
 
     def create_database(self, name: str) -> str:
-        self.psql(f'CREATE DATABASE "{name}"')
-        self.psql(f'GRANT ALL ON DATABASE "{name}" TO {PASSWORD_USER}')
+        # Owned by the password user, so that it may create the schema too (PostgreSQL 15's
+        # public schema belongs to the database owner).
+        self.psql(f'CREATE DATABASE "{name}" OWNER {PASSWORD_USER}')
         return self.conninfo(name)
 
     def conninfo(self, dbname: str, user: str = "postgres") -> str:

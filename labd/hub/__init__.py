@@ -1,0 +1,13 @@
+"""Hub forwarders: the journal's documents to the lab's data hub (MQTT, PostgreSQL).
+
+``Forwarder`` (base: durable cursor, backlog, backoff, status), ``MqttForwarder``,
+``PostgresForwarder``; see each module. Tiled is not implemented (an optional extra of issue 6).
+"""
+
+from labd.hub.base import Forwarder, ForwarderStatus, HubError
+from labd.hub.mqtt import MqttForwarder
+from labd.hub.postgres import PostgresForwarder, migrate
+
+__all__ = [
+    "Forwarder", "ForwarderStatus", "HubError", "MqttForwarder", "PostgresForwarder", "migrate",
+]
