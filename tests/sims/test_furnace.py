@@ -311,7 +311,10 @@ async def test_program_runs_to_completion(tmp_path: Path) -> None:
         got = await rtu(path, with_crc(bytes.fromhex("01 03 00 4B 00 01")), 7)
         assert int.from_bytes(got[3:5], "big") & (1 << 9)  # program end
         assert sim.state()["working_sp"] == pytest.approx(300.0)  # end type dwell: holds
-        assert abs(sim.state()["pv"] - 300.0) < 15.0
+        # The chamber lags a 120 °C/min ramp; holding the end setpoint, it gets there.
+        await wait_for(lambda: abs(sim.state()["pv"] - 300.0) < 5.0, timeout=10,
+                       what="PV within 5 °C of the held setpoint")
+        assert sim.state()["run_mode"] == 16
         await write(23, 1)  # reset
         assert sim.state()["run_mode"] == 1
         # 8 and 16 are states, not commands
