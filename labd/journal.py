@@ -31,9 +31,10 @@ Design:
 * **One row per document, with uid.** Columns: ``seq`` (1, 2, 3, ... without gaps), ``name``,
   ``uid`` (a start/stop/descriptor/event/resource uid, a datum's ``datum_id``, a stream_datum's
   ``uid``), ``run_uid``, ``stream`` (descriptor and event: the stream name), ``time`` and the
-  JSON document. ``event_page`` and ``datum_page`` documents are **unpacked** into ``event`` and
-  ``datum`` rows on arrival (event-model's ``unpack_*_page``), so every row has its own uid and
-  the hub's upsert-by-uid applies to every document alike.
+  JSON document (strict JSON: a NaN or infinite reading is stored as ``null``).
+  ``event_page`` and ``datum_page`` documents are **unpacked** into ``event`` and ``datum`` rows
+  on arrival (event-model's ``unpack_*_page``), so every row has its own uid and the hub's
+  upsert-by-uid applies to every document alike.
 * ``runs`` is a summary table kept in the same transactions (plan, protocol, campaign, sample,
   start and stop times, exit status, number of events), for ``labctl runs`` and run filters.
 * ``cursors`` holds each forwarder's last forwarded sequence number (:meth:`Journal.get_cursor`,
@@ -45,6 +46,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -137,8 +139,26 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    return obj
+
+
 def encode(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"), default=_json_default)
+    """Strict JSON (what PostgreSQL's JSONB and any MQTT consumer accept): NaN and infinities,
+    which JSON cannot express, are stored as ``null``."""
+    try:
+        return json.dumps(doc, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(doc), separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
 
 
 def _expand(name: str, doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

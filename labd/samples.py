@@ -26,7 +26,9 @@ Every protocol that makes samples follows it; the journal, the MQTT and PostgreS
 
   The unit of ``property_value`` may also be given as the descriptor's ``units`` of that data
   key. Element symbols are case-sensitive (``Fe``, not ``FE``). Any other data key is kept in the
-  row's ``extra`` mapping.
+  row's ``extra`` mapping. Event data keys are the same for every event of a stream, so a value a
+  sample does not have (an element not in it, a measurement not made) is NaN: it is left out of
+  the row (empty in CSV, null in Parquet and JSON).
 
 A row (:class:`SampleRow`, or :meth:`SampleRow.as_flat_dict` for tables) holds the sample id,
 run uid, protocol, campaign, time, the three compositions as ``{element: value}`` mappings, the
@@ -141,7 +143,8 @@ def sample_from_event(
                     getattr(row, attr)[key[len(prefix):]] = v
                 break
         else:
-            row.extra[key] = value
+            if not (isinstance(value, float) and math.isnan(value)):
+                row.extra[key] = value
     return row
 
 

@@ -80,6 +80,7 @@ class Forwarder(abc.ABC):
         self.last_error_time: float | None = None
         self.last_delivery_time: float | None = None
         self._cursor = 0
+        self._logged_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None
@@ -187,12 +188,14 @@ class Forwarder(abc.ABC):
                 self._cursor = last
                 self.delivered += len(batch)
                 self.last_delivery_time = time.time()
+                self._logged_error = None
                 self._progress.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 message = self.describe_error(exc)
-                if message != self.last_error:
+                if message != self._logged_error:  # once per distinct error, not per retry
+                    self._logged_error = message
                     log.warning("forwarder %s (%s): %s; backlog %d, retrying with backoff",
                                 self.name, self.target, message, self.backlog)
                 self.last_error = message

@@ -95,12 +95,14 @@ def test_wait_durable_and_reopen_continue_the_sequence(tmp_path: Path) -> None:
     assert sqlite3.connect(path).execute("SELECT MAX(seq) FROM documents").fetchone()[0] == 6
 
 
-def test_numpy_values_are_stored_as_plain_json(journal: Journal) -> None:
-    bundle = compose_run(metadata={"scan": np.arange(3), "gain": np.float32(2.5)})
+def test_numpy_values_and_nan_are_stored_as_strict_json(journal: Journal) -> None:
+    bundle = compose_run(metadata={"scan": np.arange(3), "gain": np.float32(2.5),
+                                   "bad": [float("nan"), float("inf"), 1.0]})
     journal.append("start", bundle.start_doc)
     journal.flush(timeout=10)
-    doc = journal.read_after(0)[0].doc
-    assert doc["scan"] == [0, 1, 2] and doc["gain"] == 2.5
+    text = journal.read_after(0)[0].doc_json
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert doc["scan"] == [0, 1, 2] and doc["gain"] == 2.5 and doc["bad"] == [None, None, 1.0]
 
 
 def test_runs_are_filtered_by_time_plan_protocol_and_campaign(journal: Journal) -> None:
