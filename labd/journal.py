@@ -19,8 +19,9 @@ Design:
 
 * **Never blocks the RunEngine on disk I/O.** :meth:`Journal.append` (the subscriber) assigns the
   next sequence number and puts the document on an in-memory queue; a writer thread takes
-  everything queued, encodes it as JSON and commits it in one transaction (group commit): the
-  more documents arrive, the larger the batches, so one fsync serves thousands of documents.
+  everything queued, encodes it as JSON and commits it in one transaction (group commit): it
+  commits at most every ``commit_interval`` (20 ms) unless a caller waits for durability, and
+  the more documents arrive, the larger the batches, so one fsync serves thousands of documents.
   Documents must not be mutated after they were emitted (event-model's own contract): they are
   encoded by the writer thread, a moment later.
 * **Durability on request.** :meth:`Journal.wait_durable` blocks until a given sequence number is
@@ -187,11 +188,14 @@ class Journal:
         *,
         synchronous: str = "FULL",
         max_batch: int = 20_000,
+        commit_interval: float = 0.02,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
         self.max_batch = max_batch
+        self.commit_interval = commit_interval
+        self._waiters = 0  # threads in wait_durable: commit at once, do not gather
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[tuple[int, str, dict[str, Any]]] = collections.deque()
@@ -271,14 +275,20 @@ class Journal:
         failed (the document will never be durable)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._durable_seq < seq:
-                if self._error is not None:
-                    raise JournalClosed(f"journal writer failed: {self._error}") from self._error
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            self._waiters += 1
+            self._cond.notify_all()
+            try:
+                while self._durable_seq < seq:
+                    if self._error is not None:
+                        raise JournalClosed(
+                            f"journal writer failed: {self._error}") from self._error
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._waiters -= 1
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything appended so far is committed."""
@@ -313,12 +323,22 @@ class Journal:
 
     # -- writer thread --------------------------------------------------------------------------
     def _write_loop(self) -> None:
+        last_commit = 0.0
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
                     self._cond.wait()
                 if not self._queue and self._closing:
                     return
+                # Group commit: gather what arrives within ``commit_interval`` of the last
+                # commit (unless someone waits for durability, or the batch is full). A live
+                # run emits a document every millisecond or so; one commit per document would
+                # take the GIL from the RunEngine's thread a thousand times a second.
+                deadline = last_commit + self.commit_interval
+                while (not self._closing and self._waiters == 0
+                       and len(self._queue) < self.max_batch
+                       and (remaining := deadline - time.monotonic()) > 0):
+                    self._cond.wait(remaining)
                 n = min(len(self._queue), self.max_batch)
                 batch = [self._queue.popleft() for _ in range(n)]
             try:
@@ -330,6 +350,7 @@ class Journal:
                     self._cond.notify_all()
                 return
             last = batch[-1][0]
+            last_commit = time.monotonic()
             with self._cond:
                 self._durable_seq = last
                 self.batches += 1

@@ -68,8 +68,10 @@ class Forwarder(abc.ABC):
         batch_size: int = 500,
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
+        linger: float = 0.05,
     ) -> None:
         self.name = name
+        self.linger = linger
         self.journal = journal
         self.batch_size = batch_size
         self.backoff_initial = backoff_initial
@@ -181,6 +183,9 @@ class Forwarder(abc.ABC):
                     # Woken by the journal's commit listener; the timeout is a safety net.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)
+                    # Let a live run's documents gather for a moment: one batch of many costs
+                    # the loop (which the RunEngine shares) far less than many batches of one.
+                    await asyncio.sleep(self.linger)
                     continue
                 await self.deliver(batch)
                 last = batch[-1].seq
