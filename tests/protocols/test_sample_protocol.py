@@ -4,6 +4,7 @@ real transports, labd's devices, the real RunEngine, schema-validated documents)
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def rig(RE: RunEngine, tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Rig]:
 
 def held_s(heat_log: list[tuple[float, float]], level: float, band: float = 25.0) -> float:
     """Virtual seconds the crucible spent within ``band`` of ``level`` (or above it)."""
-    return sum(t1 - t0 for (t0, temp), (t1, _) in zip(heat_log, heat_log[1:], strict=False)
+    return sum(t1 - t0 for (t0, temp), (t1, _) in itertools.pairwise(heat_log)
                if temp >= level - band)
 
 
