@@ -49,7 +49,7 @@ class MakeBatchParams(ProcessParams):
         return self
 
 
-def assign_slots(layout: CellLayout, samples: list[BatchSample],
+def assign_slots(layout: CellLayout, samples: list[BatchSample], protocol_name: str,
                  field: str = "samples") -> list[SampleSpec]:
     """Rack slots (given, else the layout's first ones not given to another sample) and furnace
     slots (in order) for a load."""
@@ -58,7 +58,7 @@ def assign_slots(layout: CellLayout, samples: list[BatchSample],
     furnace = layout.furnace_slots
     if len(samples) > len(furnace):
         message = f"{len(samples)} samples, but the furnace has {len(furnace)} slots"
-        raise ProtocolError(f"invalid parameters: {field}: {message}",
+        raise ProtocolError(f"{protocol_name}: invalid parameters: {field}: {message}",
                             [{"field": field, "message": message, "input": len(samples)}])
     specs: list[SampleSpec] = []
     for i, s in enumerate(samples):
@@ -66,7 +66,7 @@ def assign_slots(layout: CellLayout, samples: list[BatchSample],
         if rack is None:
             if not free:
                 message = "more samples than rack slots"
-                raise ProtocolError(f"invalid parameters: {field}: {message}",
+                raise ProtocolError(f"{protocol_name}: invalid parameters: {field}: {message}",
                                     [{"field": field, "message": message, "input": None}])
             rack = free.pop(0)
         specs.append(SampleSpec(s.sample_id, dict(s.composition), rack, furnace[i]))
@@ -79,7 +79,7 @@ def make_batch(devices: Devices, params: MakeBatchParams) -> Plan:
     """Dose each crucible of the load, anneal them together in one furnace program, measure each
     (composition and property) with the station working in parallel with the gantry, and record
     one ``sample`` event per crucible."""
-    specs = assign_slots(layout_of(devices), params.samples)
+    specs = assign_slots(layout_of(devices), params.samples, "make_batch")
     process = ProcessParams.model_validate(
         params.model_dump(include=set(ProcessParams.model_fields)))
     return load_plan(devices, "make_batch", specs, process)

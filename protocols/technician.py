@@ -270,7 +270,8 @@ def make_from_csv(devices: Devices, params: MakeFromCsvParams) -> Plan:
         params.model_dump(include=set(ProcessParams.model_fields)))
     loads: list[list[SampleSpec]] = []
     for k in range(0, len(samples), params.load_size):
-        loads.append(assign_slots(layout, samples[k:k + params.load_size]))
+        loads.append(assign_slots(layout, samples[k:k + params.load_size], "make_from_csv",
+                                  "load_size"))
     plans = [load_plan(devices, "make_from_csv", specs, process,
                        {"load": n + 1, "loads": len(loads),
                         **({"sample_id": specs[0].sample_id} if len(specs) == 1 else {})})

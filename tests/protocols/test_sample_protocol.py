@@ -14,6 +14,7 @@ from bluesky.run_engine import RunEngine
 
 import protocols  # noqa: F401  (registers every protocol)
 from hardware_sims.faults import Fault
+from labd.samples import sample_from_event
 from protocols.composition import dose_masses
 from protocols.registry import REGISTRY, ProtocolError
 from protocols.stubs import SampleFailed
@@ -71,7 +72,15 @@ def test_make_one_sample_end_to_end(RE: RunEngine, docs: ValidatedDocuments, rig
     streams = {d["uid"]: d["name"] for d in docs.of("descriptor")}
     assert {"sample", "balance", "doser", "furnace", "furnace_segment", "station"} <= set(
         streams.values())
-    (sample,) = [e["data"] for e in docs.of("event") if streams[e["descriptor"]] == "sample"]
+    (event,) = [e for e in docs.of("event") if streams[e["descriptor"]] == "sample"]
+    sample = event["data"]
+    # The sample table reads it as the convention says (labd.samples).
+    descriptor = next(d for d in docs.of("descriptor") if d["uid"] == event["descriptor"])
+    row = sample_from_event(start, descriptor, event)
+    assert row.sample_id == "S-0001" and row.campaign == "c-test"
+    assert row.protocol == "make_sample" and row.property_unit == start["property_unit"]
+    assert row.measured_composition["Ni"] == sample["measured_Ni"]
+    assert row.extra["crucible"] == "C002"
     for el in ELEMENTS:
         assert sample[f"target_{el}"] == pytest.approx(target.get(el, 0.0))
         assert sample[f"measured_{el}"] == pytest.approx(target.get(el, 0.0), abs=0.02)
@@ -163,6 +172,14 @@ def test_bad_parameters_are_refused_before_anything_moves(rig: Rig) -> None:
         with pytest.raises(ProtocolError) as info:
             proto.plan(rig.devices, proto.validate({**good, **change}))
         assert info.value.errors[0]["field"] == field and text in str(info.value), change
+    batch = REGISTRY.get("make_batch")
+    five = batch.validate({"samples": [{"sample_id": f"B{i}", "composition": {"Fe": 1.0}}
+                                       for i in range(5)]})
+    with pytest.raises(ProtocolError, match="make_batch: invalid parameters: samples: 5 samples, "
+                                            "but the furnace has 4 slots"):
+        batch.plan(rig.devices, five)
+    with pytest.raises(ProtocolError, match=r"sample ids used twice in the load: \['B'\]"):
+        batch.validate({"samples": [{"sample_id": "B", "composition": {"Fe": 1.0}}] * 2})
     assert (rig.sim.world.state()["crucibles"], rig.sim.device("doser").state()["heads"]) == (
         before[0]["crucibles"], before[1])
 
