@@ -110,7 +110,12 @@ class Daemon:
     def make_services(self) -> list[Service]:
         """The services of this daemon (API, safety, hub). Each is started on the loop in order
         and stopped in reverse order."""
-        return []
+        from .api.server import ApiService
+        from .safety import SafetyService
+
+        assert self.cell is not None
+        return [SafetyService(self.engine, self.cell, self.config.interlocks, self.store.path),
+                ApiService(self)]
 
     def start(self) -> None:
         cfg = self.config

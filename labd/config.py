@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from drivers.cell import InstrumentsConfig
 
+from .safety import InterlocksConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
@@ -72,6 +74,7 @@ class DaemonConfig(BaseModel):
     layout: dict[str, Any] | None = None
     api: ApiConfig = Field(default_factory=ApiConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    interlocks: InterlocksConfig = Field(default_factory=InterlocksConfig)
     #: Seconds a device may take to connect at start-up; a device that does not is reported down
     #: and retried every ``device_retry_s`` in the background.
     device_timeout_s: float = Field(default=10.0, gt=0)
