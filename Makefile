@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run sim test lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 system-deps:
 	@bash .ci/system-deps
 
-# The simulated cell on embedded defaults.
+# The daemon with the simulated cell, on embedded defaults (API on 127.0.0.1:8470).
 run: $(STAMP)
+	$(BIN)/labd
+
+# The simulated cell alone (a test bench for drivers, mbpoll, mosquitto_sub, a serial terminal).
+sim: $(STAMP)
 	$(BIN)/labd-sim --config config/sim-cell.yaml
 
 test: $(STAMP) system-deps

@@ -131,8 +131,13 @@ class Daemon:
             self.sim = SimulatorProcess(cfg.simulator, cfg.data_dir, cfg.cell)
             self.endpoints = self.sim.start()
         systemd.notify("STATUS=connecting devices")
-        self.cell = CellDevices(self.instruments(), client_name=f"labd-{cfg.cell}",
-                                status_topic=f"labd/{cfg.cell}/status")
+        instruments = self.instruments()
+
+        async def make_cell() -> CellDevices:  # transports bind to the loop they are made on
+            return CellDevices(instruments, client_name=f"labd-{cfg.cell}",
+                               status_topic=f"labd/{cfg.cell}/status")
+
+        self.cell = self.call(make_cell())
         report = self.call(self.cell.connect(cfg.device_timeout_s),
                            timeout=cfg.device_timeout_s + 30)
         for name, reason in report.items():
