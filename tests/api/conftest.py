@@ -1,0 +1,117 @@
+"""A real Daemon (simulator off, no instruments) with test protocols on ophyd-async soft signals,
+its API served by uvicorn on a free port, and one token per role."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import httpx
+import pytest
+from ophyd_async.core import soft_signal_rw
+from pydantic import BaseModel, Field
+
+from labd.api.server import ApiService
+from labd.app import Daemon
+from labd.config import DaemonConfig
+from labd.engine import EngineState
+from protocols.registry import Registry, protocol
+
+
+class CountParams(BaseModel):
+    num: int = Field(3, ge=1, le=10000, description="events")
+    delay: float = Field(0.0, ge=0, le=5, description="seconds between events")
+
+
+class FailParams(BaseModel):
+    message: str = "boom"
+
+
+def make_registry() -> Registry:
+    reg = Registry()
+
+    @protocol("count", CountParams, title="Count", needs=("sig",), registry=reg)
+    def count(devices: Any, p: CountParams) -> Any:
+        return (yield from bp.count([devices["sig"]], p.num, delay=p.delay))
+
+    @protocol("fail", FailParams, title="Fail", registry=reg)
+    def fail(devices: Any, p: FailParams) -> Any:
+        yield from bps.null()
+        raise RuntimeError(p.message)
+
+    return reg
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Cell:
+    daemon: Daemon
+    url: str
+    tokens: dict[str, str]
+    docs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def api(self) -> ApiService:
+        (svc,) = [s for s in self.daemon.services if isinstance(s, ApiService)]
+        return svc
+
+    def client(self, who: str | None, **headers: str) -> httpx.Client:
+        if who is not None:
+            headers["Authorization"] = f"Bearer {self.tokens.get(who, who)}"
+        return httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=30)
+
+    def shutdown(self) -> None:
+        if not self.daemon.stopping.is_set():
+            self.daemon.shutdown()
+
+    def wait_idle(self) -> None:
+        eng = self.daemon.engine
+        wait_until(lambda: eng.state is EngineState.IDLE and eng._immediate.empty()
+                   and not (eng.queue_running and self.daemon.store.queue()),
+                   what="the engine to be idle")
+
+
+def start_daemon(data_dir: Path) -> Daemon:
+    cfg = DaemonConfig(simulator={"enabled": False}, data_dir=data_dir, api={"port": 0})
+    daemon = Daemon(cfg, registry=make_registry())
+    daemon.start()
+    sig = soft_signal_rw(float, 1.5, name="sig", units="V")
+    daemon.call(sig.connect())
+    daemon.engine.devices["sig"] = sig
+    return daemon
+
+
+@pytest.fixture
+def cell(tmp_path: Path) -> Iterator[Cell]:
+    daemon = start_daemon(tmp_path / "data")
+    try:
+        api = next(s for s in daemon.services if isinstance(s, ApiService))
+        admin = (tmp_path / "data" / "admin.token").read_text().strip()
+        tokens = {"admin": admin}
+        with httpx.Client(base_url=api.url + "/api/v1",
+                          headers={"Authorization": f"Bearer {admin}"}) as c:
+            for name, role in (("vera", "viewer"), ("tom", "technician"),
+                               ("tina", "technician")):
+                r = c.post("/tokens", json={"name": name, "role": role})
+                assert r.status_code == 201, r.text
+                tokens[name] = r.json()["token"]
+        result = Cell(daemon, api.url, tokens)
+        daemon.engine.RE.subscribe(lambda n, d: result.docs.append((n, d)))
+        yield result
+    finally:
+        if not daemon.stopping.is_set():
+            daemon.shutdown()
