@@ -53,15 +53,18 @@ async def timed(n: int, fn: Callable[[], Awaitable[object]]) -> float:
 def report(name: str, ours: float, raw: float) -> None:
     ratio = ours / raw
     flag = "ok" if ratio <= 1.25 else "ABOVE TARGET"
-    print(f"{name:8s} ours {ours * 1e6:9.1f} us   raw {raw * 1e6:9.1f} us   "
-          f"ratio {ratio:5.2f}  ({flag})")
+    print(
+        f"{name:8s} ours {ours * 1e6:9.1f} us   raw {raw * 1e6:9.1f} us   "
+        f"ratio {ratio:5.2f}  ({flag})"
+    )
 
 
 async def bench_modbus(n: int) -> None:
     port = free_port()
     server = ModbusTcpServer(
-        SimDevice(id=1, simdata=SimData(address=0, values=list(range(100)),
-                                        datatype=DataType.REGISTERS)),
+        SimDevice(
+            id=1, simdata=SimData(address=0, values=list(range(100)), datatype=DataType.REGISTERS)
+        ),
         address=("127.0.0.1", port),
     )
     await server.serve_forever(background=True)
@@ -70,6 +73,7 @@ async def bench_modbus(n: int) -> None:
     bus = ModbusBus.tcp("bench", "127.0.0.1", port, timeout=1.0)
     dev = bus.device(1, "furnace")
     try:
+
         async def raw_read() -> object:
             r = await raw.read_holding_registers(1, count=1, device_id=1)
             assert r.registers == [1]
