@@ -390,3 +390,14 @@ def test_interlock_events_log_their_fields_as_json(bench: Bench,
     assert out["interlock"] == "e-stop" and out["action"] == "abort"
     assert out["event"] == "tripped" and "safety.estop" in out["reason"]
     assert out["level"] == "WARNING"
+
+
+def test_the_example_real_cell_config_loads() -> None:
+    from labd.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "labd-example.yaml")
+    assert not cfg.simulator.enabled and cfg.interlocks.rules is not None
+    names = {r.name: r for r in cfg.interlocks.rules}
+    assert names["glovebox-o2"].action == "suspend"
+    assert names["device-not-answering"].during_run is True
+    assert cfg.instruments_config().furnace is not None
