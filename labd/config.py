@@ -8,6 +8,7 @@ a message naming the key, the value and what was expected, and the daemon does n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,9 @@ class SimulatorConfig(BaseModel):
     enabled: bool = True
     #: The simulated cell's YAML (``labd-sim --config``); None: labd-sim's embedded defaults.
     config: Path | None = None
-    time_scale: float | None = Field(default=None, gt=0)
+    #: Virtual seconds per wall-clock second: 60 turns an hour of furnace time into a minute, so
+    #: a sample made from the dashboard is done in minutes; 1 runs at the hardware's own pace.
+    time_scale: float | None = Field(default=60.0, gt=0)
     ground_truth: Path | None = None
     goal: Literal["minimize", "maximize"] | None = None
     #: The broker the simulated MQTT instruments use, ``HOST:PORT`` (None: as in their config).
@@ -59,6 +62,87 @@ class QueueConfig(BaseModel):
     autostart: bool = False
 
 
+class JournalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: SQLite ``synchronous``: FULL (a committed batch survives a power cut) or NORMAL.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class _Secret(BaseModel):
+    """A password from a file (first line) or an environment variable; never in the YAML, never
+    logged, never shown by ``GET /config`` (only where it comes from)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _Secret:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        return self
+
+    def password(self) -> str | None:
+        """The secret, read now; :class:`ConfigError` names the source that failed."""
+        if self.password_file is not None:
+            try:
+                lines = self.password_file.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password_file {self.password_file}: "
+                                  f"{exc.strerror}") from None
+            return lines[0].strip() if lines else ""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"password_env: ${self.password_env} is not set")
+            return value
+        return None
+
+
+class HubMqttConfig(_Secret):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    topic_root: str = Field(default="labd", pattern=r"^[^#+]+$")
+
+
+class HubPostgresConfig(_Secret):
+    enabled: bool = False
+    #: libpq connection string or URL *without* the password (e.g. ``host=hub dbname=lab
+    #: user=labd``); the password comes from password_file or password_env.
+    conninfo: str = ""
+
+    @model_validator(mode="after")
+    def _conninfo(self) -> HubPostgresConfig:
+        if not self.enabled:
+            return self
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(self.conninfo)
+        except Exception as exc:
+            raise ValueError(f"conninfo is not a libpq connection string: {exc}") from None
+        if "password" in params:
+            raise ValueError("conninfo must not hold the password: use password_file or "
+                             "password_env")
+        if not self.conninfo:
+            raise ValueError("conninfo is required when the PostgreSQL forwarder is enabled")
+        return self
+
+
+class HubConfig(BaseModel):
+    """The document journal and the forwarders to the lab's data hub (labd.hubservice)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    mqtt: HubMqttConfig = Field(default_factory=HubMqttConfig)
+    postgres: HubPostgresConfig = Field(default_factory=HubPostgresConfig)
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +159,7 @@ class DaemonConfig(BaseModel):
     api: ApiConfig = Field(default_factory=ApiConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     interlocks: InterlocksConfig = Field(default_factory=InterlocksConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
     #: Seconds a device may take to connect at start-up; a device that does not is reported down
     #: and retried every ``device_retry_s`` in the background.
     device_timeout_s: float = Field(default=10.0, gt=0)
@@ -140,4 +225,7 @@ def load_config(path: Path | str) -> DaemonConfig:
         sim.config = (base / sim.config).resolve()
     if sim.ground_truth is not None and not sim.ground_truth.is_absolute():
         sim.ground_truth = (base / sim.ground_truth).resolve()
+    for secret in (cfg.hub.mqtt, cfg.hub.postgres):
+        if secret.password_file is not None and not secret.password_file.is_absolute():
+            secret.password_file = (base / secret.password_file).resolve()
     return cfg
