@@ -244,11 +244,16 @@ class Journal:
             if self._closing or self._error is not None:
                 raise JournalClosed(f"journal {self.path} is closed" + (
                     f" (writer failed: {self._error})" if self._error else ""))
+            was_empty = not self._queue
             for n, d in _expand(name, doc):
                 seq = self._next_seq
                 self._next_seq += 1
                 self._queue.append((seq, n, d))
-            if len(self._queue) >= 1:
+            # Wake the writer only when it has something new to decide: the first document
+            # after a commit (it then gathers until its commit interval ends) or a full batch.
+            # A notify per document woke it a thousand times a second for nothing, each time
+            # taking the GIL from the RunEngine's thread (bp.count: 1.39x -> see the bench).
+            if was_empty or len(self._queue) >= self.max_batch:
                 self._cond.notify()
             return self._next_seq - 1
 
