@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +22,29 @@ __all__ = ["RE", "docs"]  # the real RunEngine and its validated documents, for 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OER_CSV = SHARED / "benchmarks" / "oer_plate_3496.csv"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_simulator_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A simulated cell outlives a SIGKILLed daemon by design (as hardware does); a test that
+    kills a daemon must stop its simulator. This stops any the suite left behind, loudly."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "hardware_sims.launcher" in cmd and base in cmd:
+            left.append(int(proc.name))
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        warnings.warn(f"the suite left {len(left)} simulated cell(s) running; killed", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
