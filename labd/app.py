@@ -110,12 +110,15 @@ class Daemon:
     def make_services(self) -> list[Service]:
         """The services of this daemon (API, safety, hub). Each is started on the loop in order
         and stopped in reverse order."""
+        from .api.campaigns import campaigns_router
         from .api.server import ApiService
+        from .campaigns import CampaignService
         from .safety import SafetyService
 
         assert self.cell is not None
+        campaigns = CampaignService(self)
         return [SafetyService(self.engine, self.cell, self.config.interlocks, self.store.path),
-                ApiService(self)]
+                campaigns, ApiService(self, extra_routers=[campaigns_router(campaigns)])]
 
     def start(self) -> None:
         cfg = self.config

@@ -433,6 +433,77 @@ def cmd_follow(c: Client, args: argparse.Namespace) -> int:
             return EXIT_OK
 
 
+def load_campaign(path: Path) -> dict[str, Any]:
+    """A campaign file: the spec (YAML or JSON) with an optional ``run:`` section (rack slots,
+    fixed protocol parameters). A relative ``pool`` is taken relative to the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML/JSON: {exc}", EXIT_USAGE) from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a mapping (the campaign spec)", EXIT_USAGE)
+    run = data.pop("run", None) or {}
+    pool = data.get("pool")
+    if isinstance(pool, str) and not Path(pool).is_absolute():
+        data["pool"] = str((path.parent / pool).resolve())
+    return {"spec": data, "run": run}
+
+
+def campaign_text(c: dict[str, Any]) -> str:
+    reason = f" ({c['reason']})" if c.get("reason") else ""
+    lines = [f"campaign {c['id']}: {c['status']}{reason}",
+             f"  samples made {c.get('samples_made')} of {c.get('samples_budget')}, "
+             f"pending {c.get('pending')}, interrupted {c.get('interrupted')}, "
+             f"left {c.get('samples_left')}, hours {c.get('hours_used') or 0:.2f}"]
+    best = c.get("best")
+    if best:
+        comp = " ".join(f"{el}{x:g}" for el, x in best["composition"].items() if x)
+        lines.append(f"  best: {best['sample_id']} {comp} = {best['value']:g}")
+    return "\n".join(lines)
+
+
+def cmd_campaign(c: Client, args: argparse.Namespace) -> int:
+    op = args.op
+    if op == "start":
+        data = c.post("/campaigns", json=load_campaign(args.spec))
+        out(args, data, campaign_text(data))
+    elif op == "status" and not args.id:
+        rows = c.get("/campaigns")
+        out(args, rows, table([[r["id"], r["status"], r.get("samples_made"),
+                                r.get("samples_budget"), value_text((r.get("best") or {})
+                                                                    .get("value")),
+                                r.get("reason") or ""] for r in rows],
+                              ["ID", "STATUS", "MADE", "BUDGET", "BEST", "REASON"]))
+    elif op == "status":
+        data = c.get(f"/campaigns/{args.id}")
+        out(args, data, campaign_text(data))
+    elif op in ("pause", "stop"):
+        data = c.post(f"/campaigns/{args.id}/{op}")
+        out(args, data, campaign_text(data))
+    elif op == "resume":
+        data = c.post(f"/campaigns/{args.id}/resume", json={"refilled": args.refilled})
+        out(args, data, campaign_text(data))
+    elif op == "report":
+        data = c.get(f"/campaigns/{args.id}/report")
+        text = [campaign_text(c.get(f"/campaigns/{args.id}"))]
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            files = []
+            for name in ("report.png", "samples.csv"):
+                r = c.http.get(f"/campaigns/{args.id}/{name}")
+                if not r.is_success:
+                    raise CliError(f"refused ({r.status_code}): {r.text}", EXIT_REFUSED)
+                (args.out / f"{args.id}-{name}").write_bytes(r.content)
+                files.append(str(args.out / f"{args.id}-{name}"))
+            (args.out / f"{args.id}-report.json").write_text(json.dumps(data, indent=2))
+            data["files"] = [*files, str(args.out / f"{args.id}-report.json")]
+            text.append("  wrote " + ", ".join(data["files"]))
+        out(args, data, "\n".join(text))
+    return EXIT_OK
+
+
 # -- arguments ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labctl", description="Control a running labd.",
@@ -481,6 +552,21 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=20)
     sub.add_parser("follow", help="follow the current (or next) run live")
 
+    cg = sub.add_parser("campaign", help="closed-loop campaigns").add_subparsers(
+        dest="op", required=True)
+    cs = cg.add_parser("start", help="start the campaign of a YAML/JSON spec file")
+    cs.add_argument("spec", type=Path)
+    cg.add_parser("status", help="one campaign, or all").add_argument("id", nargs="?")
+    for name in ("pause", "stop"):
+        cg.add_parser(name).add_argument("id")
+    cr = cg.add_parser("resume")
+    cr.add_argument("id")
+    cr.add_argument("--refilled", action="store_true",
+                    help="the used crucibles in the rack were replaced by empty ones")
+    rep = cg.add_parser("report", help="best so far, samples, budgets; --out: plot and CSV")
+    rep.add_argument("id")
+    rep.add_argument("--out", type=Path, help="write <id>-report.png, -samples.csv, -report.json")
+
     t = sub.add_parser("token", help="API tokens (admin)").add_subparsers(dest="op",
                                                                           required=True)
     create = t.add_parser("create")
@@ -494,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
+    "campaign": cmd_campaign,
     "status": cmd_status, "devices": cmd_devices, "protocols": cmd_protocols,
     "whoami": cmd_whoami, "queue": cmd_queue, "run": cmd_run, "pause": cmd_control,
     "resume": cmd_control, "stop": cmd_control, "abort": cmd_control, "halt": cmd_control,

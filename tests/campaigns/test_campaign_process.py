@@ -1,0 +1,239 @@
+"""End-to-end: the real ``labd`` process with the simulated cell replaying the OER plate
+(``--ground-truth oer_plate_3496.csv --goal minimize``), a 40-sample campaign in batches of 4
+started with ``labctl campaign start``, once straight through and once with the daemon SIGKILLed
+in the middle of a batch and restarted.
+
+Crucibles: a used crucible holds a sample, so the simulated cell of these tests has 48 rack slots
+with an empty crucible each (``world.locations``/``world.crucibles``), enough for 40 samples plus
+the batch spoiled by the kill. The protocol's waits are short (anneal 60 s at 400 °C, unload
+below 380 °C, 20 s station measurement, virtual time at 2000x) so a campaign takes about a minute.
+
+After the kill and restart the campaign is paused for the operator (the interrupted batch's
+crucibles are somewhere in the cell). The test plays the operator: a clean stop of labd (which
+stops the simulated cell; started again it is a cleared cell with a full rack), start, and
+``labctl campaign resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import OER_CSV
+from tests.support.procs import Mosquitto, free_port
+
+LABD = Path(sys.executable).parent / "labd"
+LABCTL = Path(sys.executable).parent / "labctl"
+SPEC = Path(__file__).parents[2] / "config" / "campaigns" / "oer-demo.yaml"
+BUDGET = 40
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def sim_config() -> dict[str, Any]:
+    locations: dict[str, Any] = {
+        f"rack/{i + 1}": {"kind": "rack", "x": 20.0 + 22.0 * (i % 8), "y": 20.0 + 20.0 * (i // 8),
+                          "z": -40.0} for i in range(48)}
+    locations.update({
+        "doser": {"kind": "doser", "x": 250.0, "y": 40.0, "z": -35.0},
+        "balance": {"kind": "balance", "x": 250.0, "y": 120.0, "z": -35.0},
+        **{f"furnace/{i + 1}": {"kind": "furnace", "x": 340.0 + 20.0 * i, "y": 200.0,
+                                "z": -60.0} for i in range(4)},
+        "station": {"kind": "station", "x": 120.0, "y": 250.0, "z": -30.0},
+        "park": {"kind": "park", "x": 0.0, "y": 0.0, "z": 0.0},
+    })
+    return {"world": {"locations": locations, "crucibles": 48, "anneal_hold_s": 30},
+            "devices": {"station": {"measure_s": 20}}}
+
+
+class Labd:
+    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
+        self.data_dir = tmp / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (tmp / "sim.yaml").write_text(yaml.safe_dump(sim_config()))
+        (tmp / "labd.yaml").write_text(yaml.safe_dump({"simulator": {
+            "config": str(tmp / "sim.yaml"), "time_scale": 2000, "ground_truth": str(OER_CSV),
+            "goal": "minimize"}}))
+        self.cmd = [str(LABD), "--config", str(tmp / "labd.yaml"), "--data-dir",
+                    str(self.data_dir), "--api-port", str(self.port), "--mqtt", broker.url]
+        self.log = tmp / "labd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http: httpx.Client | None = None
+
+    def start(self) -> httpx.Client:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log,
+                                         start_new_session=True)
+        token = self.data_dir / "admin.token"
+        wait_until(lambda: token.exists() or self.proc.poll() is not None, 60, "admin.token")
+        self.http = httpx.Client(base_url=self.url + "/api/v1", timeout=30, headers={
+            "Authorization": f"Bearer {token.read_text().strip()}"})
+
+        def answers() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            try:
+                return self.http.get("/status").status_code == 200  # type: ignore[union-attr]
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, 60, "labd to answer")
+        return self.http
+
+    def labctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "LABD_URL": self.url,
+               "LABD_TOKEN_FILE": str(self.data_dir / "admin.token")}
+        return subprocess.run([str(LABCTL), *args], capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    def endpoints(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.data_dir / "sim" / "endpoints.json").read_text())
+        return data
+
+
+@pytest.fixture
+def labd(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Labd]:
+    daemon = Labd(tmp_path, mosquitto)
+    yield daemon
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            daemon.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+    pidfile = next(daemon.data_dir.glob("**/labd-sim.pid"), None)
+    if pidfile is not None:  # the simulated cell outlives a killed daemon by design
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+
+
+def start_campaign(labd: Labd) -> str:
+    r = labd.labctl("--json", "campaign", "start", str(SPEC))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["status"] == "running"
+    return str(data["id"])
+
+
+def truth_of(composition: dict[str, float]) -> float:
+    """The measured overpotential of ``composition`` in the shared OER table."""
+    import csv
+
+    with OER_CSV.open() as fh:
+        rows = list(csv.DictReader(fh))
+    els = [k for k in rows[0] if k != "overpotential_V"]
+    for row in rows:
+        if all(abs(float(row[el]) - composition.get(el, 0.0)) < 1e-6 for el in els):
+            return float(row["overpotential_V"])
+    raise AssertionError(f"{composition} is not in the OER table")
+
+
+def check_finished(labd: Labd, c: httpx.Client, cid: str, interrupted: int) -> dict[str, Any]:
+    st = c.get(f"/campaigns/{cid}").json()
+    assert st["status"] == "finished", st
+    assert st["reason"].startswith("sample budget spent"), st["reason"]
+    rep = c.get(f"/campaigns/{cid}/report").json()
+    assert rep["samples_made"] == BUDGET and rep["samples_pending"] == 0
+    assert rep["samples_interrupted"] == interrupted
+    # each sample id once (made or interrupted), the journal's sample table agrees
+    rows = [r for r in csv_rows(c.get(f"/campaigns/{cid}/samples.csv").text)]
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == BUDGET + interrupted
+    made = [r for r in rows if r["status"] == "made"]
+    # the best value found is the best of the stored observations, and the simulator's
+    # ground truth for that composition
+    best = rep["best"]
+    assert best["value"] == min(float(r["value"]) for r in made)
+    assert best["value"] == pytest.approx(truth_of(best["composition"]), abs=1e-9)
+    assert rep["best_after_sample"][-1] == best["value"]
+    # report files through labctl
+    out = labd.data_dir.parent / "report"
+    r = labd.labctl("campaign", "report", cid, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / f"{cid}-report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / f"{cid}-samples.csv").read_text().splitlines()) == BUDGET + interrupted + 1
+    return rep
+
+
+def csv_rows(text: str) -> list[dict[str, str]]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_full_campaign_of_40_samples(labd: Labd) -> None:
+    c = labd.start()
+    t0 = time.monotonic()
+    cid = start_campaign(labd)
+    wait_until(lambda: c.get(f"/campaigns/{cid}").json()["status"] == "finished", 240,
+               "the campaign to finish")
+    elapsed = time.monotonic() - t0
+    rep = check_finished(labd, c, cid, interrupted=0)
+    hist = c.get("/history", params={"limit": 100}).json()
+    assert [h["status"] for h in hist] == ["success"] * (BUDGET // 4)
+    print(f"\n40-sample campaign: {elapsed:.1f} s wall, best {rep['best']['value']:.4f} V")
+
+
+def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
+    c = labd.start()
+    t0 = time.monotonic()
+    cid = start_campaign(labd)
+
+    def mid_batch() -> Any:
+        st = c.get("/status").json()
+        made = c.get(f"/campaigns/{cid}").json()["samples_made"]
+        return made >= 16 and st["current"] and st["current"]["progress"].get("events", 0) > 3
+
+    wait_until(mid_batch, 180, "a batch in progress after 16 samples")
+    before = c.get(f"/campaigns/{cid}").json()
+    assert labd.proc is not None
+    labd.proc.send_signal(signal.SIGKILL)
+    assert labd.proc.wait(10) == -signal.SIGKILL
+    c.close()
+
+    c = labd.start()
+    st = wait_until(lambda: (lambda s: s if s["status"] == "paused" else None)(
+        c.get(f"/campaigns/{cid}").json()), 60, "the campaign to pause for the operator")
+    assert st["interrupted"] >= 1 and "interrupted" in st["reason"]
+    assert st["samples_made"] >= before["samples_made"]
+    hist = c.get("/history", params={"limit": 100}).json()
+    assert hist[0]["status"] == "interrupted"
+    interrupted_ids = set(hist[0]["params"] and [s["sample_id"] for s in
+                                                 hist[0]["params"]["samples"]])
+    # the operator: stop labd (SIGTERM), clear the cell by hand, start labd, resume
+    assert labd.proc is not None
+    labd.proc.send_signal(signal.SIGTERM)
+    assert labd.proc.wait(60) == 0
+    c.close()
+    # A clean stop stops the simulated cell too; started again, it is a cleared cell with a
+    # full rack (the operator's part). The campaign still skips the rack slots it used.
+    c = labd.start()
+    r = labd.labctl("campaign", "resume", cid)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: c.get(f"/campaigns/{cid}").json()["status"] == "finished", 240,
+               "the campaign to finish after the restart")
+    rep = check_finished(labd, c, cid, interrupted=len(interrupted_ids))
+    assert {o["sample_id"] for o in rep["interrupted"]} == interrupted_ids
+    print(f"\n40-sample campaign with a SIGKILL: {time.monotonic() - t0:.1f} s wall")
