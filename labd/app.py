@@ -27,6 +27,8 @@ from protocols.registry import REGISTRY, Registry
 from . import systemd
 from .config import DaemonConfig
 from .engine import Control, Engine, EngineState
+from .hubservice import HubService
+from .journal import Journal
 from .simulator import SimulatorProcess
 from .store import Store
 
@@ -52,6 +54,12 @@ class Daemon:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.data_dir / "labd.sqlite")
         self.engine = Engine(self.store, registry, cell=config.cell)
+        # The document journal: subscribed before any service, so every document is journaled
+        # (only the engine's own progress hook, which keeps nothing, is called before it).
+        self.journal = Journal(config.data_dir / "journal.sqlite",
+                               synchronous=config.hub.journal.synchronous)
+        self.engine.RE.subscribe(self.journal.subscriber)
+        self.hub: HubService | None = None
         self.loop = self.engine.loop
         self.events = self.engine.events
         self.sim: SimulatorProcess | None = None
@@ -90,6 +98,7 @@ class Daemon:
                 for name in cell.devices
             } if cell else {},
             "services": [s.name for s in self.services],
+            "hub": self.hub.status() if self.hub is not None else None,
         }
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -111,6 +120,7 @@ class Daemon:
         """The services of this daemon (API, safety, hub). Each is started on the loop in order
         and stopped in reverse order."""
         from .api.campaigns import campaigns_router
+        from .api.hub import hub_router
         from .api.server import ApiService
         from .campaigns import CampaignService
         from .safety import SafetyService
@@ -118,9 +128,11 @@ class Daemon:
 
         assert self.cell is not None
         campaigns = CampaignService(self)
+        self.hub = HubService(self.journal, self.config.hub, self.config.cell)
         return [SafetyService(self.engine, self.cell, self.config.interlocks, self.store.path),
-                campaigns, ApiService(self, extra_routers=[campaigns_router(campaigns)],
-                                      configure=[dashboard])]
+                self.hub, campaigns,
+                ApiService(self, extra_routers=[campaigns_router(campaigns), hub_router(self)],
+                           configure=[dashboard])]
 
     def start(self) -> None:
         cfg = self.config
@@ -238,6 +250,7 @@ class Daemon:
                 log.error("closing devices: %s", exc)
         if self.sim is not None:
             self.sim.stop()
+        self.journal.close()
         self.store.close()
         self._stop_loop()
 

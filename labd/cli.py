@@ -7,7 +7,9 @@ that order; the URL from ``--url`` or ``$LABD_URL`` (default ``http://127.0.0.1:
 
 Commands: ``status``, ``devices``, ``protocols``, ``queue list|add|add-batch|move|remove|clear|
 start|stop``, ``run``, ``pause [--now]``, ``resume``, ``stop``, ``abort``, ``halt``, ``history``,
-``follow``, ``whoami``, ``token create|list|revoke``. Parameters are ``key=value`` (the value is
+``follow``, ``whoami``, ``token create|list|revoke``, ``runs``, ``samples``,
+``export --out FILE [--format csv|parquet|jsonl]`` (``runs``/``samples``/``export`` filter with
+``--campaign --protocol --since --until``). Parameters are ``key=value`` (the value is
 parsed as JSON when it can be: ``num=3``, ``delay=0.5``, ``comp='{"Fe": 0.5}'``; else a string).
 Queue items are named by their uid or any unique prefix of it.
 
@@ -187,7 +189,82 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     for name, d in st["devices"].items():
         if d["error"]:
             lines.append(f"  {name}: {d['error']}")
+    lines += hub_lines(st.get("hub"))
     out(args, st, "\n".join(lines))
+    return EXIT_OK
+
+
+def hub_lines(hub: dict[str, Any] | None) -> list[str]:
+    """The journal and each hub forwarder: connected or not, backlog, the last error."""
+    if not hub:
+        return []
+    lines = [f"journal   {hub['journal']['documents']} document(s)"]
+    for f in hub["forwarders"]:
+        state = "connected" if f["connected"] else "DOWN"
+        lines.append(f"hub       {f['name']} -> {f['target']}: {state}, backlog {f['backlog']}, "
+                     f"delivered up to #{f['cursor']}")
+        if f["last_error"]:
+            lines.append(f"  {f['name']}: {f['last_error']}")
+    return lines
+
+
+def since_arg(text: str) -> str:
+    """``--since/--until``: ISO 8601, Unix time, or an age such as ``90m``, ``12h``, ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if len(text) > 1 and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return str(time.time() - float(text[:-1]) * units[text[-1]])
+    return text
+
+
+def filters(args: argparse.Namespace) -> dict[str, str]:
+    out = {k: getattr(args, k) for k in ("campaign", "protocol", "since", "until")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def cmd_runs(c: Client, args: argparse.Namespace) -> int:
+    params = {**filters(args), "limit": args.limit}
+    runs = c.get("/runs", params=params)
+    rows = [[short(r["uid"]), r["protocol"] or r["plan_name"], r["campaign"], r["sample_id"],
+             when(r["start_time"]), r["exit_status"] or "running", r["num_events"]]
+            for r in runs]
+    out(args, runs, table(rows, ["RUN", "PROTOCOL", "CAMPAIGN", "SAMPLE", "STARTED", "STATUS",
+                                 "EVENTS"]) if rows else "no runs")
+    return EXIT_OK
+
+
+def comp_text(comp: dict[str, float]) -> str:
+    return " ".join(f"{el}{v:.3g}" for el, v in comp.items())
+
+
+def cmd_samples(c: Client, args: argparse.Namespace) -> int:
+    rows = c.get("/samples", params=filters(args))
+    cells = [[r["sample_id"], comp_text(r["target_composition"]),
+              comp_text(r["measured_composition"]),
+              "" if r["anneal_c"] is None else f"{r['anneal_c']:g} C {r['anneal_s']:g} s",
+              "" if r["property_value"] is None else
+              f"{r['property_name'] or 'property'}={r['property_value']:.6g}"
+              + (f" {r['property_unit']}" if r["property_unit"] else ""),
+              r["campaign"], r["protocol"], when(r["time"])] for r in rows]
+    out(args, rows, table(cells, ["SAMPLE", "TARGET", "MEASURED", "PROCESS", "PROPERTY",
+                                  "CAMPAIGN", "PROTOCOL", "MADE"]) if cells else "no samples")
+    return EXIT_OK
+
+
+def cmd_export(c: Client, args: argparse.Namespace) -> int:
+    fmt = args.format or {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}.get(
+        args.out.suffix, "csv")
+    try:
+        r = c.http.get("/samples/export", params={**filters(args), "format": fmt})
+    except httpx.TransportError as exc:
+        raise CliError(f"cannot reach labd at {c.url}: {exc}", EXIT_UNREACHABLE) from None
+    if not r.is_success:  # the same messages and exit codes as every other command
+        c.request("GET", "/samples/export", params={**filters(args), "format": fmt})
+    try:
+        args.out.write_bytes(r.content)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.out}: {exc.strerror}", EXIT_USAGE) from None
+    data = {"path": str(args.out), "format": fmt, "bytes": len(r.content)}
+    out(args, data, f"wrote {args.out} ({fmt}, {len(r.content)} bytes)")
     return EXIT_OK
 
 
@@ -552,6 +629,23 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=20)
     sub.add_parser("follow", help="follow the current (or next) run live")
 
+    def add_filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--campaign")
+        sp.add_argument("--protocol")
+        for name in ("since", "until"):
+            sp.add_argument(f"--{name}", type=since_arg, help="ISO 8601, Unix time, or an age "
+                                                              "(30m, 12h, 7d)")
+
+    runs = sub.add_parser("runs", help="runs in the journal, oldest first")
+    add_filters(runs)
+    runs.add_argument("--limit", type=int, default=50, help="the newest N runs")
+    add_filters(sub.add_parser("samples", help="the sample table, one row a sample"))
+    exp = sub.add_parser("export", help="export the sample table to a file")
+    add_filters(exp)
+    exp.add_argument("--format", choices=["csv", "parquet", "jsonl"],
+                     help="default: from the file's suffix, else csv")
+    exp.add_argument("--out", type=Path, required=True, help="file to write")
+
     cg = sub.add_parser("campaign", help="closed-loop campaigns").add_subparsers(
         dest="op", required=True)
     cs = cg.add_parser("start", help="start the campaign of a YAML/JSON spec file")
@@ -584,7 +678,8 @@ COMMANDS = {
     "status": cmd_status, "devices": cmd_devices, "protocols": cmd_protocols,
     "whoami": cmd_whoami, "queue": cmd_queue, "run": cmd_run, "pause": cmd_control,
     "resume": cmd_control, "stop": cmd_control, "abort": cmd_control, "halt": cmd_control,
-    "history": cmd_history, "follow": cmd_follow, "token": cmd_token,
+    "history": cmd_history, "follow": cmd_follow, "token": cmd_token, "runs": cmd_runs,
+    "samples": cmd_samples, "export": cmd_export,
 }
 
 

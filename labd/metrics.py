@@ -130,7 +130,31 @@ def render(daemon: Any) -> str:
     e.family("labd_interlock_trips_total", "counter", "Times the interlock tripped (durable).",
              [({"interlock": il.name, "action": il.config.action}, il.trips)
               for il in interlocks])
+    _hub(e, getattr(daemon, "hub", None))
     return e.text()
+
+
+def _hub(e: Exposition, hub: Any) -> None:
+    """The journal and the hub forwarders (:meth:`labd.hubservice.HubService.status`)."""
+    if hub is None:
+        return
+    st = hub.status()
+    fwds = st["forwarders"]
+    e.family("labd_journal_documents", "gauge", "Documents committed to the journal.",
+             [({}, st["journal"]["documents"])])
+    e.family("labd_hub_connected", "gauge", "1 while the forwarder is connected to its target.",
+             [({"forwarder": f["name"], "target": f["target"]}, 1 if f["connected"] else 0)
+              for f in fwds])
+    e.family("labd_hub_backlog_documents", "gauge",
+             "Journaled documents the forwarder has not delivered yet.",
+             [({"forwarder": f["name"]}, f["backlog"]) for f in fwds])
+    e.family("labd_hub_cursor", "gauge", "Last journal sequence number delivered.",
+             [({"forwarder": f["name"]}, f["cursor"]) for f in fwds])
+    e.family("labd_hub_delivered_total", "counter",
+             "Documents delivered by the current forwarder process.",
+             [({"forwarder": f["name"]}, f["delivered"]) for f in fwds])
+    e.family("labd_hub_error", "gauge", "1 while the forwarder's last attempt failed.",
+             [({"forwarder": f["name"]}, 1 if f["last_error"] else 0) for f in fwds])
 
 
 def metrics_router(daemon: Any) -> APIRouter:
