@@ -31,6 +31,7 @@ from typing import Any
 
 import aiomqtt
 from aiomqtt import MqttCodeError, MqttError
+from aiomqtt.exceptions import MqttConnectError
 
 from labd.hub.base import Forwarder, HubError, RunDocuments
 from labd.journal import Journal, JournalRecord
@@ -98,13 +99,15 @@ class MqttForwarder(Forwarder):
         if isinstance(exc, ExceptionGroup):
             exc = exc.exceptions[0]
         where = f"MQTT broker {self.host}:{self.port}"
-        if isinstance(exc, MqttCodeError):
-            rc = getattr(exc.rc, "value", exc.rc)
+        if isinstance(exc, MqttConnectError):  # a CONNACK's code; a publish's codes are
+            rc = getattr(exc.rc, "value", exc.rc)  # paho's own (4 there: not connected)
             if rc in _LOGIN_CODES:
                 who = f"user {self.username!r}" if self.username else "an anonymous client"
                 return (f"{where} refused the login of {who}: {exc} (check the username and"
                         " password in the config)")
             return f"{where} refused the connection: {exc}"
+        if isinstance(exc, MqttCodeError):
+            return f"lost the connection to {where}: {exc}"
         text = str(exc)
         if isinstance(exc, TimeoutError) or "timed out" in text:
             return f"no acknowledgement from {where} within {self.ack_timeout:g} s: {text}"
