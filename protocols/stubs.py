@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -19,10 +20,17 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
-from bluesky.utils import FailedStatus, Msg
-from ophyd_async.core import wait_for_value
+from bluesky.utils import FailedStatus, Msg, RequestAbort, RequestStop
 
-from drivers.instruments.furnace import Dwell, FurnaceProgram, Ramp, Step
+from drivers.instruments.furnace import (
+    Dwell,
+    FurnaceAlarm,
+    FurnaceProgram,
+    FurnaceStatus,
+    Ramp,
+    RunMode,
+    Step,
+)
 from drivers.ophyd.balance import tare as balance_tare
 
 from .composition import ATOMIC_MASS
@@ -153,35 +161,139 @@ def anneal_program(anneal_c: float, anneal_s: float, ramp_c_min: float,
     ])
 
 
+#: What the RunEngine throws into a plan on abort and stop: not a failure of the heat treatment.
+_INTERRUPTIONS = (RequestAbort, RequestStop)
+
+
 def heater_off(furnace: Any) -> Plan:
     """Programmer reset, setpoint to the safe value, standby."""
     yield from call(furnace.safe_state)
 
 
 def heat_treatment(furnace: Any, program: FurnaceProgram, *, unload_below_c: float | None = None,
-                   stream: str = "furnace") -> Plan:
+                   stream: str = "furnace", poll_s: float = 0.2) -> Plan:
     """Run ``program`` and wait for the furnace to report it complete, then (if asked) until the
     chamber has cooled below ``unload_below_c``; the heater is off at the end in every case.
 
     The temperature actually followed is recorded in ``stream`` (a monitor of the PV, one event
-    per poll of the controller), the running segment in ``<stream>_segment``."""
+    per poll of the controller), the running segment in ``<stream>_segment``, and the program
+    that was started in ``<stream>_program`` (one event, its JSON).
+
+    Pause and suspend: the controller runs its program by itself, and a paused *plan* must not
+    stop it. So the program is started through the client (the programmer is not a movable the
+    RunEngine has set, which it would ``stop()`` -- heater off -- on every pause and suspension),
+    and the start is not rewindable (a resume never replays it: that would restart the program).
+    The waits then poll the controller every ``poll_s`` wall seconds, each poll after a
+    checkpoint: a deferred pause takes effect within one poll, and a resume rewinds into the
+    wait, which goes on until the program completes. An abort or any failure still turns the
+    heater off (the finaliser). The last checkpoint is the last poll of the cooling wait: a pause
+    after the heat treatment rewinds to there unless the caller checkpoints later."""
 
     def body() -> Plan:
         yield from call(furnace.client.operate)  # leave standby (the last heater-off set it)
         yield from bps.monitor(furnace.temperature, name=stream)
         yield from bps.monitor(furnace.programmer.segment, name=f"{stream}_segment")
         try:
-            yield from bps.mv(furnace.programmer, program)
+            yield from bpp.rewindable_wrapper(start_program(furnace, program, stream), False)
+            yield from wait_program_done(furnace, program, poll_s)
+        except _INTERRUPTIONS:
+            raise  # an abort or stop stays what it is (the finaliser turns the heater off)
         except Exception as exc:
             raise SampleFailed(
                 f"the heat treatment failed: {why(exc)}; heater switched off") from exc
         if unload_below_c is not None:
-            yield from call(lambda: wait_for_value(
-                furnace.temperature, lambda t: t <= unload_below_c, timeout=None))
+            try:
+                yield from wait_cooled(furnace, unload_below_c, poll_s)
+            except _INTERRUPTIONS:
+                raise
+            except Exception as exc:
+                raise SampleFailed(f"waiting for the furnace to cool below {unload_below_c:g} °C "
+                                   f"failed: {why(exc)}; heater switched off") from exc
         yield from bps.unmonitor(furnace.programmer.segment)
         yield from bps.unmonitor(furnace.temperature)
 
     return (yield from bpp.finalize_wrapper(body(), heater_off(furnace)))
+
+
+def start_program(furnace: Any, program: FurnaceProgram, stream: str = "furnace") -> Plan:
+    """Write ``program`` to the controller and run it (through the client, sent once), and
+    record it as one event of ``<stream>_program``. Meant to run non-rewindable (see
+    :func:`heat_treatment`).
+
+    If a pause or a suspension interrupts the start, the RunEngine resumes the plan without a
+    reply; the start itself went on on the loop meanwhile, so its outcome is awaited (never
+    re-sent)."""
+    started: list[asyncio.Future[None]] = []
+
+    def start() -> asyncio.Future[None]:
+        started.append(asyncio.ensure_future(furnace.client.run_program(program)))
+        return started[-1]
+
+    futures = yield from bps.wait_for([start])
+    while futures is None:  # interrupted (pause, suspend): await the start that went on
+        futures = yield from bps.wait_for([lambda: started[-1]])
+    exc = futures[0].exception()
+    if exc is not None:
+        raise exc
+    record = Record(f"{stream}_program", {"program": str}, source=f"protocol:{furnace.name}")
+    yield from record.emit(program=program.model_dump_json())
+
+
+def _poll(factory: Callable[[], Awaitable[Any]]) -> Plan:
+    """``factory()`` awaited on the RunEngine's loop (its error raised), or None when a pause or
+    a suspension interrupted it (the RunEngine then resumes the plan with no reply)."""
+    futures = yield from bps.wait_for([factory])
+    if futures is None:
+        return None
+    exc = futures[0].exception()
+    if exc is not None:
+        raise exc
+    return futures[0].result()
+
+
+def wait_program_done(furnace: Any, program: FurnaceProgram, poll_s: float = 0.2) -> Plan:
+    """Wait, a checkpoint before each poll, until the started ``program`` completes (run mode
+    COMPLETE, or RESET for an ``end="reset"`` program); returns the run mode. Raises
+    :class:`FurnaceAlarm` if the furnace cannot heat, :class:`SampleFailed` if the program was
+    reset before it completed."""
+    client = furnace.client
+
+    async def look() -> tuple[FurnaceStatus, RunMode]:
+        return await client.status(), await client.run_mode()
+
+    while True:
+        yield from bps.checkpoint()
+        seen = yield from _poll(look)
+        if seen is not None:
+            status, mode = seen
+            if status.fault is not None:
+                raise FurnaceAlarm(client.name, "wait for program end", status)
+            if mode is RunMode.COMPLETE or (mode is RunMode.RESET and program.end == "reset"):
+                return mode
+            if mode is RunMode.RESET:
+                raise SampleFailed("the furnace program stopped before it completed (run mode "
+                                   "RESET: reset on the controller)")
+        yield from bps.sleep(poll_s)
+
+
+def wait_cooled(furnace: Any, below_c: float, poll_s: float = 0.2) -> Plan:
+    """Wait, a checkpoint before each poll, until the PV is at or below ``below_c``; returns it.
+    Raises :class:`FurnaceAlarm` on a sensor break (the PV means nothing then)."""
+    client = furnace.client
+
+    async def look() -> tuple[FurnaceStatus, float]:
+        return await client.status(), await client.temperature()
+
+    while True:
+        yield from bps.checkpoint()
+        seen = yield from _poll(look)
+        if seen is not None:
+            status, pv = seen
+            if status.sensor_break:
+                raise FurnaceAlarm(client.name, f"wait for {below_c:g} °C", status)
+            if pv <= below_c:
+                return pv
+        yield from bps.sleep(poll_s)
 
 
 # -- records -------------------------------------------------------------------------------------
