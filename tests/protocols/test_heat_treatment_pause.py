@@ -209,3 +209,45 @@ def test_an_abort_during_the_anneal_switches_the_heater_off(
     assert heater_off(st) and st["program"]["state"] == "reset", st
     assert len(starts) == 1
     assert docs.of("stop")[-1]["exit_status"] == "abort"
+
+
+def test_make_sample_paused_in_the_anneal_and_in_the_cooling_makes_the_sample_once(
+    RE: RunEngine, docs: ValidatedDocuments, rig: Rig, starts: list[int]
+) -> None:
+    """A resume rewinds into the wait it was paused in, never further: nothing dosed, moved or
+    started before it is replayed."""
+    proto = REGISTRY.get("make_sample")
+    params = proto.validate({"sample_id": "S-P", "composition": {"Fe": 0.5, "Ni": 0.5},
+                             "anneal_c": 500, "anneal_s": 3000, "ramp_c_min": 300,
+                             "unload_below_c": 60})
+
+    def cooling(st: dict[str, Any]) -> bool:
+        return st["program"]["state"] == "complete" and st["pv"] > 150.0
+
+    for phase, reached in (("the anneal's dwell", in_dwell), ("the cooling", cooling)):
+        def pause_in(reached: Callable[[dict[str, Any]], bool] = reached,
+                     phase: str = phase) -> None:
+            until(rig, reached, phase, timeout=30)
+            RE.request_pause(defer=False)
+
+        pausing = aside(pause_in)
+        with pytest.raises(RunEngineInterrupted):
+            if phase == "the cooling":
+                RE.resume()
+            else:
+                RE(proto.plan(rig.devices, params))
+        pausing.result()
+        st = furnace(rig)
+        assert reached(st) and st["instrument_mode"] == 0, (phase, st)  # the furnace went on
+
+    result = RE.resume()
+    assert result.exit_status == "success", result
+    assert len(starts) == 1
+    assert len(stream(docs, "doser")) == 2  # Fe, Ni: dosed once each
+    (sample,) = stream(docs, "sample")
+    assert sample["sample_id"] == "S-P" and sample["anneal_s"] == 3000.0
+    temps = [d["furnace-temperature"] for d in stream(docs, "furnace")]
+    assert temps[-1] <= 60.0  # unloaded only once cooled, after both resumes
+    crucible = rig.sim.world.crucibles[sample["crucible"]]
+    assert crucible.location == params.rack_slot and crucible.sample_id == "S-P"
+    assert heater_off(furnace(rig))
