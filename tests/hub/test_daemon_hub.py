@@ -358,3 +358,38 @@ def test_wrong_password_is_plain_and_the_journal_keeps_everything(
     finally:
         daemon.shutdown()
     assert daemon.hub is not None and not daemon.hub.status()["process"]["running"]
+
+
+def test_hub_config_refuses_a_password_in_conninfo_and_says_which_secret_failed(
+    tmp_path: Path, journal: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from labd.config import ConfigError, validate_config
+    from labd.hubservice import HubService
+
+    with pytest.raises(ConfigError) as info:
+        validate_config({"hub": {"postgres": {"enabled": True,
+                                              "conninfo": "host=h dbname=d password=x"}}})
+    assert "hub.postgres: Value error, conninfo must not hold the password: use " \
+           "password_file or password_env" in str(info.value)
+    with pytest.raises(ConfigError, match="give password_file or password_env, not both"):
+        validate_config({"hub": {"mqtt": {"password_file": "/x", "password_env": "X"}}})
+    with pytest.raises(ConfigError, match=r"hub\.mqtt\.port"):
+        validate_config({"hub": {"mqtt": {"enabled": True, "port": 0}}})
+
+    cfg = validate_config({"hub": {
+        "mqtt": {"enabled": True, "password_env": "LABD_TEST_UNSET_SECRET"},
+        "postgres": {"enabled": True, "conninfo": "host=h dbname=d user=u",
+                     "password_file": str(tmp_path / "missing")}}}).hub
+    hub = HubService(journal, cfg, "c")
+    asyncio.run(hub.start())  # nothing can start: no process, and the status says why
+    st = {f["name"]: f for f in hub.status()["forwarders"]}
+    assert st["mqtt"]["last_error"] == (
+        "not started: password_env: $LABD_TEST_UNSET_SECRET is not set")
+    assert st["postgres"]["last_error"] == (
+        f"not started: cannot read password_file {tmp_path / 'missing'}: No such file or directory")
+    assert st["postgres"]["target"] == "postgresql://u@h:5432/d"
+    assert hub.status()["process"]["pid"] is None
+    assert any("password_env: $LABD_TEST_UNSET_SECRET is not set" in m for m in caplog.messages)
+    asyncio.run(hub.stop())
