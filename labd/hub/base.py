@@ -1,6 +1,8 @@
 """Forwarder base: a durable cursor into the journal, the backlog in order, backoff, status.
 
-A forwarder is an asyncio task on the daemon's loop::
+A forwarder is an asyncio task on a loop of its own (the daemon runs its forwarders in a process
+of their own, :class:`labd.hubservice.HubService`, so that they never take the RunEngine's loop
+nor its GIL)::
 
     fwd = PostgresForwarder(journal, dsn=..., cell="cell1")
     await fwd.start()            # returns at once; delivers in the background
