@@ -656,14 +656,17 @@ class CampaignService:
             await self._call(live, live.campaign.mark_interrupted, sid, reason)
         batch.state = BatchState.DONE
         batch.outcome = reason if missing else "success"
-        if missing and live.status is CampaignStatus.RUNNING:
+        # Any end but success leaves the cell in an unknown state (a crucible on the gripper, the
+        # balance or the station), even when every result came in: the operator clears it.
+        if entry.status is not ExitStatus.SUCCESS and live.status is CampaignStatus.RUNNING:
             slots = [s["rack_slot"] for s in batch.params["samples"]
                      if s["sample_id"] in missing]
             live.status = CampaignStatus.PAUSED
-            live.reason = (f"batch {batch.seq} ended {reason}; samples {', '.join(missing)} are "
-                           f"recorded interrupted. Their crucibles (from rack slots "
-                           f"{', '.join(slots)}) may still be in the furnace, on the balance, at "
-                           f"the doser or the station: clear them, then resume")
+            lost = (f"samples {', '.join(missing)} are recorded interrupted. Their crucibles "
+                    f"(from rack slots {', '.join(slots)})") if missing else "Its crucibles"
+            live.reason = (f"batch {batch.seq} ended {reason}; {lost} may still be in the "
+                           f"furnace, on the balance, at the doser, the station or the gripper: "
+                           f"clear the cell, then resume")
             log.warning("campaign %s: %s", live.id, live.reason)
         await self._persist(live, lambda db: db.execute(
             "UPDATE campaign_batches SET state = ?, outcome = ? WHERE campaign_id = ? AND seq = ?",

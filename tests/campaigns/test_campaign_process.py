@@ -183,6 +183,7 @@ def csv_rows(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+@pytest.mark.timeout(300)  # ~95 s on 2 cores; runs in the default suite
 def test_full_campaign_of_40_samples(labd: Labd) -> None:
     c = labd.start()
     t0 = time.monotonic()
@@ -196,6 +197,7 @@ def test_full_campaign_of_40_samples(labd: Labd) -> None:
     print(f"\n40-sample campaign: {elapsed:.1f} s wall, best {rep['best']['value']:.4f} V")
 
 
+@pytest.mark.timeout(360)  # ~150 s on 2 cores; runs in the default suite
 def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
     c = labd.start()
     t0 = time.monotonic()
@@ -203,8 +205,13 @@ def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
 
     def mid_batch() -> Any:
         st = c.get("/status").json()
-        made = c.get(f"/campaigns/{cid}").json()["samples_made"]
-        return made >= 16 and st["current"] and st["current"]["progress"].get("events", 0) > 3
+        camp = c.get(f"/campaigns/{cid}").json()
+        done = sum(b["state"] == "done" for b in camp["batches"])
+        active = [b["item_uid"] for b in camp["batches"] if b["state"] == "queued"]
+        # the running batch is past its first readings and has no result yet
+        return (camp["samples_made"] >= 16 and camp["samples_made"] == 4 * done
+                and st["current"] and active == [st["current"]["item_uid"]]
+                and st["current"]["progress"].get("events", 0) > 3)
 
     wait_until(mid_batch, 180, "a batch in progress after 16 samples")
     before = c.get(f"/campaigns/{cid}").json()
