@@ -53,12 +53,12 @@ class Daemon:
         self.registry = registry
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.data_dir / "labd.sqlite")
-        self.engine = Engine(self.store, registry, cell=config.cell)
-        # The document journal: subscribed before any service, so every document is journaled
-        # (only the engine's own progress hook, which keeps nothing, is called before it).
+        # The document journal is the RunEngine's first subscriber: every document is journaled
+        # before the engine, a service or a forwarder sees it.
         self.journal = Journal(config.data_dir / "journal.sqlite",
                                synchronous=config.hub.journal.synchronous)
-        self.engine.RE.subscribe(self.journal.subscriber)
+        self.engine = Engine(self.store, registry, cell=config.cell,
+                             first_subscribers=[self.journal.subscriber])
         self.hub: HubService | None = None
         self.loop = self.engine.loop
         self.events = self.engine.events

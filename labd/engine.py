@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -67,6 +67,7 @@ class Engine:
         cell: str,
         devices: Mapping[str, Any] | None = None,
         md: Mapping[str, Any] | None = None,
+        first_subscribers: Sequence[Callable[[str, dict[str, Any]], None]] = (),
     ) -> None:
         self.store = store
         self.registry = registry
@@ -85,7 +86,9 @@ class Engine:
         self._stop = threading.Event()
         self._immediate: queue.Queue[QueueItem] = queue.Queue()
         self._lock = threading.Lock()
-        #: Called with (name, doc) for every document, before any other subscriber (the journal).
+        # The journal comes first: every document is journaled before anything else sees it.
+        for subscriber in first_subscribers:
+            self.RE.subscribe(subscriber)
         self.RE.subscribe(self._on_document)
         self.RE.state_hook = self._on_re_state
         #: Checked before each item starts; returns a reason to refuse (e.g. an interlock).
