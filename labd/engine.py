@@ -23,6 +23,7 @@ from bluesky.run_engine import RunEngine, RunEngineResult
 from bluesky.utils import RunEngineInterrupted
 
 from protocols.registry import Registry
+from protocols.stubs import STEPS
 
 from .events import EventBus
 from .store import ExitStatus, HistoryEntry, QueueItem, Store
@@ -167,8 +168,17 @@ class Engine:
 
     # -- run control (any thread but the worker) ---------------------------------------------------
     def pause(self, defer: bool = True) -> None:
+        """Pause at the next safe point (``defer``) or now. "Now" while the plan runs a
+        world-changing step (a dose, a crucible move: :data:`protocols.stubs.STEPS`) becomes a
+        deferred pause, announced as a ``pause_deferred`` event naming the step: the step is never
+        cut half-way nor repeated, and the cell stops right after it."""
         if self.state is not EngineState.RUNNING:
             raise EngineError(f"nothing to pause: the engine is {self.state}")
+        busy = STEPS.current()
+        if not defer and busy is not None:
+            defer = True
+            self.events.publish("pause_deferred", step=busy,
+                                reason=f"pausing after the step in progress: {busy}")
         self.RE.request_pause(defer=defer)
 
     def control(self, command: Control, reason: str = "") -> None:

@@ -40,17 +40,23 @@ event in stream ``sample`` with ``sample_id``, ``target_<El>``, ``measured_<El>`
 ``rack_slot``, ``furnace_slot`` and ``crucible`` (the station's crucible id). Device readings go
 to their own streams: ``balance``, ``doser``, ``furnace`` (PV during the program and cooling),
 ``furnace_segment``, ``station``.
+
+Pause, suspend, resume: the run is not rewindable, every world-changing step runs to its end
+whatever interrupts the plan, and a deferred pause lands at the safe points: after a crucible
+is placed, after each dose is recorded and checked, after the weighings, during the furnace
+waits and after each sample event (see :mod:`protocols.stubs` for the RunEngine's semantics and
+what each step does on a deferred pause, an immediate pause and a suspension).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -62,13 +68,15 @@ from .stubs import (
     SampleFailed,
     anneal_program,
     call,
-    check_head,
     devices_of,
     dose,
     ensure_homed,
     heat_treatment,
     layout_of,
     move_crucible,
+    reading,
+    safe_point,
+    step,
     tare,
     weigh,
     why,
@@ -262,12 +270,14 @@ def load_plan(devices: Devices, protocol_name: str, specs: Sequence[SampleSpec],
                 f"{crucible_g:.4f} g for what the gripper brought (an empty crucible weighs at "
                 f"least {layout.min_crucible_g:g} g); nothing was dosed")
         yield from move_crucible(gantry, layout, layout.balance, layout.doser)
+        yield from safe_point()  # the empty crucible weighed, at the doser
         dosed: dict[str, float] = dict.fromkeys(elements, 0.0)
         for el, mg in doses[sid].items():
             head = layout.heads[el]
-            yield from check_head(doser, head, el)
             try:
-                got = yield from dose(doser, head, mg)
+                got = yield from dose(doser, head, mg, element=el)
+            except SampleFailed:
+                raise  # a wrong head: nothing dosed with it
             except Exception as exc:
                 so_far = _holding(dosed)
                 raise SampleFailed(
@@ -280,6 +290,7 @@ def load_plan(devices: Devices, protocol_name: str, specs: Sequence[SampleSpec],
                     f"{sid}: the doser delivered {got:.3f} mg of {el} for a target of "
                     f"{mg:.3f} mg (more than {process.dose_tolerance_pct:g} % off). The "
                     f"crucible from {spec.rack_slot} is at the doser")
+            yield from safe_point()  # this dose is done, recorded and checked
         yield from move_crucible(gantry, layout, layout.doser, layout.balance)
         weighed_mg = (yield from weigh(balance)) * 1000.0
         total = sum(dosed.values())
@@ -288,6 +299,7 @@ def load_plan(devices: Devices, protocol_name: str, specs: Sequence[SampleSpec],
                 f"{sid}: the balance weighs {weighed_mg:.2f} mg of powder but the doser "
                 f"reports {total:.2f} mg dosed (tolerance {process.weigh_tolerance_mg:g} mg): "
                 f"powder spilled or a dose was mis-reported. The crucible is on the balance")
+        yield from safe_point()
         yield from move_crucible(gantry, layout, layout.balance, spec.furnace_slot)
         return _Made(spec, crucible_g, dosed, weighed_mg)
 
@@ -310,30 +322,35 @@ def load_plan(devices: Devices, protocol_name: str, specs: Sequence[SampleSpec],
     def analyse(made: list[_Made]) -> Plan:
         # The pan is empty now: a zero tare makes the post-anneal weights gross weights.
         yield from tare(balance)
-        pending: tuple[_Made, str] | None = None
+        pending: tuple[_Made, asyncio.Future[None]] | None = None
 
-        def finish(item: _Made, group: str) -> Plan:
+        def finish(item: _Made, measuring: asyncio.Future[None]) -> Plan:
             try:
-                yield from bps.wait(group=group)
+                yield from step(lambda: measuring)  # started once, awaited across a pause
             except Exception as exc:
                 raise SampleFailed(f"{item.spec.sample_id}: the station measurement failed: "
                                    f"{why(exc)}. The crucible is at the station") from exc
-            yield from bps.create("station")
-            reading = yield from bps.read(station)
-            yield from bps.save()
-            yield from emit(item, reading)
+            values = yield from reading(station, "station", trigger=False)
+            yield from emit(item, values)
+            yield from safe_point()
             yield from move_crucible(gantry, layout, layout.station, item.spec.rack_slot)
+
+        async def measure(sample_id: str) -> asyncio.Future[None]:
+            """Start the station's measurement; the plan awaits it later (see finish)."""
+            await station.sample_id.set(sample_id)
+            return asyncio.ensure_future(_awaited(station.trigger()))
 
         for item in made:
             yield from move_crucible(gantry, layout, item.spec.furnace_slot, layout.balance)
             item.post_anneal_g = yield from weigh(balance)
+            yield from safe_point()
             if pending is not None:  # the station measured it meanwhile
                 yield from finish(*pending)
             yield from move_crucible(gantry, layout, layout.balance, layout.station)
-            yield from bps.mv(station.sample_id, item.spec.sample_id)
-            group = f"measure-{item.spec.sample_id}"
-            yield from bps.trigger(station, group=group)
-            pending = (item, group)
+            sid = item.spec.sample_id
+            measuring = yield from step(lambda sid=sid: measure(sid), f"starting {sid}'s "
+                                        "measurement")
+            pending = (item, measuring)
         if pending is not None:
             yield from finish(*pending)
 
@@ -357,7 +374,12 @@ def load_plan(devices: Devices, protocol_name: str, specs: Sequence[SampleSpec],
                                                   safe_exc)
 
     plan = bpp.contingency_wrapper(body(), except_plan=on_failure)
-    return bpp.run_wrapper(plan, md=start_md)
+    # Not rewindable: a resume goes on from where the plan was, never replays (module docstring).
+    return bpp.run_wrapper(bpp.rewindable_wrapper(plan, False), md=start_md)
+
+
+async def _awaited(status: Any) -> None:
+    await status
 
 
 def _holding(dosed: Mapping[str, float]) -> str:

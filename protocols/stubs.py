@@ -8,12 +8,89 @@ Conventions:
 * A carried crucible travels at the layout's ``safe_z`` (up, across, down).
 * The heat treatment always ends with the heater off (:func:`heat_treatment` wraps the program
   in a finaliser), whether the program completed, failed or was aborted.
+
+Pause, suspend and resume (bluesky 1.15, read in ``run_engine.py``)
+--------------------------------------------------------------------
+
+What the RunEngine does:
+
+* A **deferred pause** (``request_pause(defer=True)``) only sets a flag; the next ``checkpoint``
+  message turns it into a pause. A plan without checkpoints runs on to its end.
+* An **immediate pause** (``request_pause(defer=False)``) cancels the RunEngine's task wherever
+  it awaits: the message in progress (a ``wait``, a ``wait_for``, a ``read``) is cut, and on
+  resume the plan gets ``None`` as its reply. The futures a ``wait_for`` awaits are *not*
+  cancelled (``asyncio.wait`` leaves them running).
+* On every pause and every suspension the RunEngine calls ``stop(success=True)`` on each
+  movable the run has ``set`` (``_stop_movable_objects``): for the doser that is ``QRA 61 4``
+  (the dose ends part-way), for the gantry a feed hold and a soft reset (which on this cell
+  opens the gripper: a carried crucible drops where the head is).
+* On **resume** (``_rewind``) the messages cached since the last checkpoint are *replayed*;
+  every run starts with one (the cache is a fresh deque). Nothing is cached while
+  ``rewindable`` is False, and toggling the flag empties the cache.
+* A **suspension** (a suspender trips, e.g. the glovebox-O2 interlock of ``labd.safety``)
+  cancels the task like an immediate pause, stops the movables, rewinds, waits for the
+  condition to clear, replays, and goes on.
+
+Before this was handled, ``make_sample`` had no checkpoint but the run's first: a pause while
+dosing replayed the run from its start (the doses were sent again into the same crucible), and
+the pause itself stopped the dose and reset the gantry.
+
+What the sample protocols do about it (:func:`protocols.sample.load_plan`):
+
+* The load runs **non-rewindable** (``bpp.rewindable_wrapper(..., False)``): a resume never
+  replays a message; the plan goes on from the message that was interrupted.
+* Each world-changing **step** (a crucible move: pick, carry, place; a dose: mount the head,
+  check its label, dose; a tare; homing; the furnace start; the station measurement) runs as a
+  task on the RunEngine's loop, started by :func:`step` and driven through the instrument
+  *clients*, never through a movable the RunEngine has ``set``. So nothing a pause or a
+  suspension does stops it half-way: the step runs to its end, and the plan, when it goes on,
+  awaits that same task (never starts it again) and checks its outcome. While a step runs,
+  :data:`STEPS` names it; the daemon's engine turns a "pause now" into a deferred pause then
+  (``labd.engine.Engine.pause``), so the technician is told the cell stops after the step.
+* Readings that go into documents (balance, doser, station) are taken in the same kind of task
+  and then recorded from a :class:`Snapshot`, so an interrupted read is neither lost nor
+  repeated.
+* A ``checkpoint`` follows every step and every check: these are the **safe points** where a
+  deferred pause lands.
+
+Step by step, for one sample (``make_sample``):
+
+=====================  ==================  ==================  ===========================
+step                   deferred pause      immediate pause     suspension
+=====================  ==================  ==================  ===========================
+home (if needed)       after homing        homing completes,   homing completes, then
+                                           then paused         the run waits
+crucible move (pick,   after the crucible  the move completes  the move completes (the
+carry, place)          is placed           (crucible placed),  crucible is placed), then
+                                           then paused         the run waits
+tare / weigh           after the weighing  the weighing        same as immediate pause
+                       is recorded         completes, then
+                                           paused; recorded
+                                           once on resume
+dose (one element)     after the dose is   the dose completes  the dose completes, then
+                       recorded and        (never cut, never   the run waits; on resume
+                       checked             re-sent); checked   it is checked, the next
+                                           on resume           element follows
+furnace program        in the wait (one    the furnace goes on the furnace goes on
+                       poll)               with its program    with its program
+station measurement    after the sample    the measurement     the measurement completes,
+                       event               completes, result   the run waits
+                                           read on resume
+=====================  ==================  ==================  ===========================
+
+A stop, an abort or a halt of a paused or running plan is not a pause: the plan's failure
+path sends the doser's stop and turns the heater off (:func:`protocols.sample.load_plan`); a
+crucible move in progress is left to finish (resetting GRBL mid-carry would drop the crucible).
+If a dose is cut by something else (the doser stopped by the safety layer, ``I 8``), the dose
+fails with the mass the doser reports delivered, and the sample fails saying so: a dose is
+never repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any
@@ -31,7 +108,6 @@ from drivers.instruments.furnace import (
     RunMode,
     Step,
 )
-from drivers.ophyd.balance import tare as balance_tare
 
 from .composition import ATOMIC_MASS
 from .layout import CellLayout
@@ -51,14 +127,134 @@ def why(exc: BaseException) -> str:
     return text
 
 
-def call(factory: Callable[[], Awaitable[Any]]) -> Plan:
-    """Await ``factory()`` on the RunEngine's loop; return its result or raise its error."""
-    futures = yield from bps.wait_for([factory])
-    fut = futures[0]
-    exc = fut.exception()
+class Steps:
+    """The world-changing steps in progress (normally one): what :func:`step` runs. Thread-safe;
+    read by the daemon's engine to defer a "pause now" until the step is over."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, str] = {}
+        self._next = 0
+
+    def begin(self, what: str) -> int:
+        with self._lock:
+            self._next += 1
+            self._running[self._next] = what
+            return self._next
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            self._running.pop(token, None)
+
+    def current(self) -> str | None:
+        """What runs now (the oldest step), or None between steps."""
+        with self._lock:
+            return next(iter(self._running.values()), None)
+
+
+#: The steps in progress in this process (one cell, one RunEngine per daemon).
+STEPS = Steps()
+
+
+def step(factory: Callable[[], Awaitable[Any]], what: str = "") -> Plan:
+    """Run ``factory()`` once as a task on the RunEngine's loop and return its result (or raise
+    its error). A pause or a suspension does not cut it: the RunEngine only stops *awaiting* it
+    (the plan then gets no reply), so the plan awaits the same task again, and never starts it
+    twice. While it runs, :data:`STEPS` names it (``what``), until the task itself ends."""
+    started: list[asyncio.Future[Any]] = []
+
+    def start() -> asyncio.Future[Any]:
+        if started:  # a replay (a rewindable caller): the step is not sent again
+            return started[0]
+        task = asyncio.ensure_future(factory())
+        if what:
+            token = STEPS.begin(what)
+            task.add_done_callback(lambda _t: STEPS.end(token))
+        started.append(task)
+        return task
+
+    futures = yield from bps.wait_for([start])
+    while futures is None:  # interrupted (pause, suspend): await the step that went on
+        futures = yield from bps.wait_for([lambda: started[0]])
+    exc = futures[0].exception()
     if exc is not None:
         raise exc
-    return fut.result()
+    return futures[0].result()
+
+
+def call(factory: Callable[[], Awaitable[Any]]) -> Plan:
+    """Await ``factory()`` on the RunEngine's loop; return its result or raise its error. Sent
+    once (see :func:`step`)."""
+    return (yield from step(factory))
+
+
+def safe_point() -> Plan:
+    """A checkpoint between steps: where a deferred pause lands."""
+    yield from bps.checkpoint()
+
+
+class Snapshot:
+    """A device's reading taken in a :func:`step`, recorded as an event by a synchronous
+    readable of the same name and keys: recording it cannot be cut half-way by a pause, and
+    nothing is read twice. One per device and plan (a stream's objects do not change)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.name: str = device.name
+        self.parent = None
+        self._reading: dict[str, Any] = {}
+        self._describe: dict[str, Any] = {}
+        self._config: dict[str, Any] = {}
+        self._config_describe: dict[str, Any] = {}
+
+    async def take(self, trigger: bool) -> dict[str, Any]:
+        """Trigger (if asked) and read the device; keep the reading for :meth:`emit`."""
+        dev = self.device
+        if trigger:
+            await dev.trigger()
+        self._reading = dict(await dev.read())
+        self._config = dict(await dev.read_configuration())
+        if not self._describe:
+            self._describe = dict(await dev.describe())
+            self._config_describe = dict(await dev.describe_configuration())
+        return self._reading
+
+    def read(self) -> dict[str, Any]:
+        return self._reading
+
+    def describe(self) -> dict[str, Any]:
+        return self._describe
+
+    def read_configuration(self) -> dict[str, Any]:
+        return self._config
+
+    def describe_configuration(self) -> dict[str, Any]:
+        return self._config_describe
+
+    def emit(self, stream: str) -> Plan:
+        yield from bps.create(stream)
+        yield from bps.read(self)
+        yield from bps.save()
+
+
+_SNAPSHOTS: dict[int, Snapshot] = {}
+
+
+def snapshot_of(device: Any) -> Snapshot:
+    """The :class:`Snapshot` of ``device`` (one per device object)."""
+    snap = _SNAPSHOTS.get(id(device))
+    if snap is None or snap.device is not device:
+        snap = _SNAPSHOTS[id(device)] = Snapshot(device)
+    return snap
+
+
+def reading(device: Any, stream: str, *, trigger: bool = True, what: str = "") -> Plan:
+    """Trigger and read ``device`` in a :func:`step`, record it as one event of ``stream``, and
+    return the reading."""
+    snap = snapshot_of(device)
+    values = yield from step(lambda: snap.take(trigger), what)
+    yield from snap.emit(stream)
+    return values
 
 
 def devices_of(devices: Mapping[str, Any], *names: str) -> list[Any]:
@@ -83,55 +279,65 @@ def ensure_homed(gantry: Any) -> Plan:
     """Home the gantry if the controller asks for it (after power-up, a reset or an alarm)."""
     client = gantry.client
     if client.needs_homing or client.alarm is not None or client.last_status is None:
-        yield from call(client.home)
+        yield from step(client.home, "homing the gantry")
 
 
 def grip(gantry: Any, close: bool) -> Plan:
     """Close (pick) or open (release) the gripper where the head is."""
-    yield from call(lambda: gantry.grip(close))
+    yield from step(lambda: gantry.grip(close), "closing the gripper" if close
+                    else "opening the gripper")
+
+
+async def _travel(gantry: Any, layout: CellLayout, destination: str) -> None:
+    target = layout.locations[destination].xyz
+    safe = layout.safe_z
+    client = gantry.client
+    if safe is not None:
+        x, y, z = await client.position()
+        if z < safe - 0.01:
+            await client.move_to(x, y, safe)
+        if math.dist((x, y), target[:2]) > 0.01:
+            await client.move_to(target[0], target[1], safe)
+    await client.move_to(*target)
 
 
 def travel(gantry: Any, layout: CellLayout, destination: str) -> Plan:
-    """Move the head to ``destination``: up to ``safe_z``, across, down."""
-    target = layout.locations[destination].xyz
-    safe = layout.safe_z
-    if safe is not None:
-        x, y, z = yield from call(gantry.client.position)
-        if z < safe - 0.01:
-            yield from bps.mv(gantry.position, (x, y, safe))
-        if math.dist((x, y), target[:2]) > 0.01:
-            yield from bps.mv(gantry.position, (target[0], target[1], safe))
-    yield from bps.mv(gantry.position, target)
+    """Move the head to ``destination``: up to ``safe_z``, across, down (one step)."""
+    yield from step(lambda: _travel(gantry, layout, destination),
+                    f"moving the gantry to {destination}")
 
 
 def move_crucible(gantry: Any, layout: CellLayout, source: str, destination: str) -> Plan:
-    """Pick the crucible at ``source`` and put it down at ``destination``."""
-    yield from travel(gantry, layout, source)
-    yield from grip(gantry, True)
-    yield from travel(gantry, layout, destination)
-    yield from grip(gantry, False)
+    """Pick the crucible at ``source`` and put it down at ``destination``: one step, so a pause
+    or a suspension never leaves the crucible in the gripper (see the module docstring). A
+    safe point follows."""
+
+    async def carry() -> None:
+        await _travel(gantry, layout, source)
+        await gantry.grip(True)
+        await _travel(gantry, layout, destination)
+        await gantry.grip(False)
+
+    yield from step(carry, f"moving the crucible from {source} to {destination}")
+    yield from safe_point()
 
 
 # -- balance -------------------------------------------------------------------------------------
 def weigh(balance: Any, stream: str = "balance") -> Plan:
     """One stable weighing, recorded in ``stream``; returns the net weight in g."""
-    readings = yield from bps.trigger_and_read([balance], name=stream)
-    return float(readings[balance.weight.name]["value"])
+    values = yield from reading(balance, stream, what="weighing")
+    return float(values[balance.weight.name]["value"])
 
 
 def tare(balance: Any) -> Plan:
     """Tare the balance; returns the tare (the load on the pan), g."""
-    grams: float = yield from balance_tare(balance)
+    grams: float = yield from step(balance.do_tare, "taring the balance")
     return grams
 
 
 # -- doser ---------------------------------------------------------------------------------------
-def check_head(doser: Any, head: int, element: str) -> Plan:
-    """Refuse a head whose label names another element than the layout says.
-
-    The Quantos head's ``Substance`` is free text; when its first word is an element symbol it
-    must be ``element`` (a wrong head ruins the sample), otherwise it is not checked."""
-    info = yield from call(lambda: doser.client.mount(head))
+async def _mounted_head(doser: Any, head: int, element: str) -> None:
+    info = await doser.client.mount(head)
     substance = (getattr(info, "substance", "") or "").strip()
     first = substance.split()[0] if substance else ""
     if first in ATOMIC_MASS and first != element:
@@ -139,14 +345,30 @@ def check_head(doser: Any, head: int, element: str) -> Plan:
                            f"holds {element}: fix the layout or the head; nothing was dosed")
 
 
-def dose(doser: Any, head: int, mg: float, stream: str = "doser") -> Plan:
-    """Dose ``mg`` with ``head``; the doser's reading goes to ``stream``. Returns the mass the
-    doser reports it delivered (mg). A failed dose is raised as is (its message says how much
-    was dosed anyway)."""
-    yield from bps.mv(doser.head, head)
-    yield from bps.mv(doser, mg)
-    readings = yield from bps.trigger_and_read([doser], name=stream)
-    return float(readings[doser.last_dose_mg.name]["value"])
+def check_head(doser: Any, head: int, element: str) -> Plan:
+    """Refuse a head whose label names another element than the layout says.
+
+    The Quantos head's ``Substance`` is free text; when its first word is an element symbol it
+    must be ``element`` (a wrong head ruins the sample), otherwise it is not checked."""
+    yield from step(lambda: _mounted_head(doser, head, element), f"mounting doser head {head}")
+
+
+def dose(doser: Any, head: int, mg: float, stream: str = "doser", element: str = "") -> Plan:
+    """Dose ``mg`` with ``head`` (its label checked against ``element`` first, if given) as one
+    step: sent once, never cut by a pause or a suspension, never repeated. The doser's reading
+    goes to ``stream``. Returns the mass the doser reports it delivered (mg). A failed dose is
+    raised as is (its message says how much was dosed anyway)."""
+
+    async def once() -> None:
+        await doser.head.set(head)
+        if element:
+            await _mounted_head(doser, head, element)
+        await doser.dose(float(mg), doser.client.settings.dose_timeout_s)
+
+    yield from step(once, f"dosing {mg:.2f} mg{' of ' + element if element else ''} "
+                          f"(head {head})")
+    values = yield from reading(doser, stream, trigger=False)
+    return float(values[doser.last_dose_mg.name]["value"])
 
 
 # -- furnace -------------------------------------------------------------------------------------
