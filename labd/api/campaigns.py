@@ -3,13 +3,20 @@
 Reading needs a viewer token; changing a campaign needs a technician. Errors: 404 for an unknown
 campaign, 409 for a request that does not fit its state (e.g. resume a running campaign), 422 for
 a spec or run options that are not valid (the body names the fields; nothing is stored).
+
+``POST /api/v1/campaigns`` takes the spec as an object (``spec``, with ``run``) or as the text of
+a campaign file (``spec_yaml``: YAML or JSON, with its optional ``run:`` section, as ``labctl
+campaign start`` reads it): the dashboard sends what the technician pasted, and the daemon parses
+it. A pasted spec has no folder, so its ``pool`` must be an absolute path on the daemon's machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,8 +29,47 @@ from .app import PREFIX, Technician, Viewer
 
 class StartRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    spec: dict[str, Any] = Field(description="the campaign spec (protocols.campaign.CampaignSpec)")
-    run: dict[str, Any] = Field(default_factory=dict, description="labd.campaigns.RunOptions")
+    spec: dict[str, Any] | None = Field(
+        None, description="the campaign spec (protocols.campaign.CampaignSpec)")
+    spec_yaml: str | None = Field(
+        None, max_length=1_000_000,
+        description="or: a campaign file's text (YAML or JSON), with an optional run: section")
+    run: dict[str, Any] | None = Field(None, description="labd.campaigns.RunOptions")
+
+
+def _refuse(field: str, message: str) -> HTTPException:
+    return HTTPException(422, {"message": f"invalid {field.split('.')[0]}: {message}",
+                               "errors": [{"field": field, "message": message, "input": None}]})
+
+
+def _spec_and_run(body: StartRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The spec and run options of a start request (see the module docstring)."""
+    if (body.spec is None) == (body.spec_yaml is None):
+        raise _refuse("spec", "give exactly one of spec (an object) or spec_yaml (text)")
+    if body.spec is not None:
+        return body.spec, body.run or {}
+    assert body.spec_yaml is not None
+    try:
+        data = yaml.safe_load(body.spec_yaml)  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise _refuse("spec_yaml", f"not valid YAML or JSON: {where}{problem}") from None
+    if not isinstance(data, dict):
+        raise _refuse("spec_yaml", "expected a mapping (the campaign spec), got "
+                      f"{type(data).__name__}")
+    run = data.pop("run", None)
+    if run is not None and body.run is not None:
+        raise _refuse("run", "given both in the text's run: section and as run: give one")
+    run = body.run if body.run is not None else run or {}
+    if not isinstance(run, dict):
+        raise _refuse("run", f"expected a mapping, got {type(run).__name__}")
+    pool = data.get("pool")
+    if isinstance(pool, str) and not Path(pool).is_absolute():
+        raise _refuse("spec.pool", f"{pool!r} is relative, and a pasted spec has no folder to "
+                      "take it from: give the absolute path on the daemon's machine")
+    return data, run
 
 
 class ResumeRequest(BaseModel):
@@ -47,12 +93,13 @@ def campaigns_router(service: CampaignService) -> APIRouter:
 
     @router.post("", status_code=201)
     async def start(body: StartRequest, who: Technician) -> dict[str, Any]:
+        raw_spec, raw_run = _spec_and_run(body)
         try:
-            spec = CampaignSpec.model_validate(body.spec)
+            spec = CampaignSpec.model_validate(raw_spec)
         except ValidationError as exc:
             raise _invalid("spec", exc) from None
         try:
-            options = RunOptions.model_validate(body.run)
+            options = RunOptions.model_validate(raw_run)
         except ValidationError as exc:
             raise _invalid("run", exc) from None
         try:

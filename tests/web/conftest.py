@@ -53,6 +53,9 @@ class Labd:
     broker: Mosquitto
     log: Path
     port: int = field(default_factory=free_port)
+    time_scale: float = 200
+    #: more arguments of ``labd`` (e.g. ``--config``, ``--ground-truth``)
+    args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     tokens: dict[str, str] = field(default_factory=dict)
 
@@ -62,7 +65,7 @@ class Labd:
 
     def start(self) -> None:
         cmd = [str(LABD), "--data-dir", str(self.data_dir), "--api-port", str(self.port),
-               "--mqtt", self.broker.url, "--time-scale", "200"]
+               "--mqtt", self.broker.url, "--time-scale", str(self.time_scale), *self.args]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         token_file = self.data_dir / "admin.token"

@@ -11,7 +11,7 @@ const S = {
   token: sessionStorage.getItem(TOKEN_KEY), user: null, role: null,
   status: null, queue: { items: [], running: false }, history: [], interlocks: {},
   protocols: [], lastControl: null, blocked: null, ws: null, connected: false,
-  attempt: 0, retryTimer: null, retryAt: 0, campaigns: null, samples: null,
+  attempt: 0, retryTimer: null, retryAt: 0, campaigns: null, campaign: null, samples: null,
 };
 
 // -- helpers -------------------------------------------------------------------------------------
@@ -221,6 +221,7 @@ function onEvent(ev) {
       return;
     case "item_finished":
     case "item_interrupted":
+      if (!$("#view-samples").hidden && !location.hash.includes("/")) loadSamples();  // new rows
       S.history = [ev.item, ...S.history.filter((x) => x.item_uid !== ev.item.item_uid)];
       renderHistory();
       if (ev.item.protocol && ev.item.status !== "success" && ev.item.error) {
@@ -253,8 +254,7 @@ function onEvent(ev) {
       S.lastControl = ev;
       break;
     default:
-      if (ev.type?.startsWith("campaign") && !$("#view-campaigns").hidden) loadCampaigns();
-      if (ev.type?.startsWith("sample") && !$("#view-samples").hidden) loadSamples();
+      if (ev.type === "campaign" && !$("#view-campaigns").hidden) campaignChanged(ev);
       return;
   }
   renderBanners();
@@ -550,57 +550,158 @@ async function submitProtocol(ev) {
 }
 
 // -- campaigns -----------------------------------------------------------------------------------
-// Built on the campaign routes (GET /campaigns, GET /campaigns/{name}, POST /campaigns,
-// POST /campaigns/{name}/pause|resume|stop) and the state of protocols.campaign.Campaign
-// (status(): samples_made, samples_left, hours_used, grams_left, best; to_dict(): spec,
-// observations, best_after_batch).
+// Routes (labd/api/campaigns.py, campaigns keyed by id = the spec's name): GET /campaigns (the
+// list), GET /campaigns/{id} (status, reason, budgets, rack slots free), GET .../report (best
+// after each sample, objective, budget), GET .../samples.csv (every sample: made, then
+// interrupted), POST /campaigns {spec_yaml} and .../pause|resume|stop. A "campaign" event on the
+// WebSocket (any change of a campaign's state) makes the page fetch the shown campaign again.
+const CAMPAIGN_ACTIVE = ["running", "paused", "stopping"];
+
 async function loadCampaigns() {
   const note = $("#campaigns-status");
-  let list;
-  try { list = await api("GET", "/campaigns"); } catch (err) {
-    note.textContent = err.status === 404 || err.status === 405
-      ? "This daemon has no campaign API (GET /api/v1/campaigns: not found)."
-      : `Cannot load campaigns: ${err.message}`;
-    $("#campaign-list").replaceChildren();
+  const tech = allows(S.role, "technician");
+  $("#campaign-role-note").hidden = tech;
+  $("#campaign-role-note").textContent = tech ? "" : `Starting a campaign needs the technician role; you are signed in as a ${S.role}.`;
+  try { S.campaigns = await api("GET", "/campaigns"); } catch (err) {
+    note.textContent = `Cannot load campaigns: ${err.message}`;
     return;
   }
-  list = Array.isArray(list) ? list : list?.campaigns ?? [];
-  note.textContent = list.length ? "" : "No campaigns yet.";
-  const details = await Promise.all(list.map(async (c) => {
-    const name = c.name ?? c.spec?.name;
-    if (c.observations) return c;
-    try { return { ...c, ...(await api("GET", `/campaigns/${encodeURIComponent(name)}`)) }; } catch { return c; }
-  }));
-  $("#campaign-list").replaceChildren(...details.map(renderCampaign));
-  applyRoles($("#campaign-list"));
+  note.textContent = S.campaigns.length ? "" : "No campaigns yet: start one below.";
+  const [, arg] = location.hash.slice(1).split("/");
+  const wanted = arg ? decodeURIComponent(arg) : null;
+  // the campaign asked for in the address, else the newest one still going, else the newest
+  const newest = [...S.campaigns].sort((a, b) => b.created_at - a.created_at);
+  S.campaign = wanted ?? (newest.find((c) => CAMPAIGN_ACTIVE.includes(c.status)) ?? newest[0])?.id ?? null;
+  renderCampaignList();
+  await loadCampaign();
 }
 
-function renderCampaign(c) {
-  const st = { ...c, ...(c.status && typeof c.status === "object" ? c.status : {}) };
-  const name = st.name ?? c.spec?.name;
-  const spec = c.spec ?? st.spec ?? {};
-  const obs = c.observations ?? c.state?.observations ?? [];
-  const state = typeof c.status === "string" ? c.status : c.state && typeof c.state === "string" ? c.state : st.stop_reason ? "finished" : "";
-  const unit = spec.objective?.property ?? "value";
-  const budget = [["samples made", st.samples_made ?? obs.length], ["samples left", st.samples_left ?? "∞"],
-    ["hours used", st.hours_used !== undefined ? `${fmt(st.hours_used, 3)}${spec.budget?.hours ? ` of ${spec.budget.hours}` : ""}` : "—"],
-    ["grams left", st.grams_left ? comp(st.grams_left) : "—"], ["best", st.best ? `${fmt(st.best.value)} (${st.best.sample_id}: ${comp(st.best.composition)})` : "—"],
-    ["stop reason", st.stop_reason ?? "—"]];
-  const ctl = (action, label) => h("button", { type: "button", "data-role": "technician", text: label,
-    onclick: () => act(`${label} ${name}`, async () => { await api("POST", `/campaigns/${encodeURIComponent(name)}/${action}`); loadCampaigns(); }) });
-  const best = h("canvas", { width: 520, height: 300, role: "img", "aria-label": `Best ${unit} against samples made` });
-  const space = h("canvas", { width: 520, height: 300, role: "img", "aria-label": "Samples in composition space" });
-  plotBest(best, obs, spec.objective?.goal ?? "maximize", unit);
-  plotSpace(space, obs, Object.keys(spec.elements ?? {}));
-  return h("div", { class: "card", "data-campaign": name },
-    h("div", { class: "row" }, h("h3", { text: name }), state ? h("span", { class: "badge", text: state }) : null,
-      ctl("pause", "Pause"), ctl("resume", "Resume"), ctl("stop", "Stop")),
-    h("dl", { class: "kv" }, budget.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v) })])),
+function renderCampaignList() {
+  $("#campaign-rows").replaceChildren(...[...(S.campaigns ?? [])].sort((a, b) => b.created_at - a.created_at)
+    .map((c) => h("tr", { "data-campaign-row": c.id, class: c.id === S.campaign ? "selected" : null },
+      h("td", {}, h("a", { href: `#campaigns/${encodeURIComponent(c.id)}`, "aria-current": c.id === S.campaign ? "true" : null, text: c.id })),
+      h("td", {}, h("span", { class: `badge ${c.status}`, text: c.status })),
+      h("td", { text: `${c.samples_made ?? 0}${c.samples_budget ? ` of ${c.samples_budget}` : ""}` }),
+      h("td", { text: c.best ? `${fmt(c.best.value)} (${c.best.sample_id})` : "—" }),
+      h("td", { text: `${c.user} · ${when(c.created_at)}` }))));
+}
+
+let campaignPending = null;
+function campaignChanged(ev) {  // a "campaign" event: update the list row, refetch the shown one
+  const known = S.campaigns?.find((c) => c.id === ev.id);
+  if (!known) { loadCampaigns(); return; }
+  Object.assign(known, { status: ev.status, reason: ev.reason, samples_made: ev.samples_made, best: ev.best });
+  renderCampaignList();
+  if (ev.id !== S.campaign || campaignPending) return;
+  campaignPending = setTimeout(() => { campaignPending = null; loadCampaign(); }, 100);
+}
+
+async function loadCampaign() {
+  const id = S.campaign;
+  if (!id) { $("#campaign-detail").replaceChildren(); return; }
+  const path = `/campaigns/${encodeURIComponent(id)}`;
+  try {
+    const [status, report, csv] = await Promise.all([api("GET", path), api("GET", `${path}/report`),
+      apiText("GET", `${path}/samples.csv`)]);
+    if (S.campaign === id) renderCampaignDetail(status, report, parseCsv(csv));
+  } catch (err) {
+    $("#campaign-detail").replaceChildren(h("p", { class: "error", role: "alert", text: `Campaign ${id}: ${err.message}` }));
+  }
+}
+
+async function apiText(method, path) {
+  const r = await fetch(API + path, { method, headers: { Authorization: `Bearer ${S.token}`, "X-Labd-Client": "web" } });
+  if (!r.ok) {
+    let detail = null;
+    try { detail = (await r.json()).detail; } catch { /* not JSON */ }
+    throw new ApiError(r.status, detail);
+  }
+  return r.text();
+}
+
+// RFC 4180 CSV (quoted fields may hold commas, quotes and newlines) to objects by header.
+function parseCsv(text) {
+  const rows = [[]];
+  let field = ""; let quoted = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const ch = text[i];
+    if (quoted) {
+      if (ch === '"' && text[i + 1] === '"') { field += '"'; i += 1; } else if (ch === '"') quoted = false; else field += ch;
+    } else if (ch === '"') quoted = true;
+    else if (ch === ",") { rows.at(-1).push(field); field = ""; } else if (ch === "\n") { rows.at(-1).push(field.replace(/\r$/, "")); field = ""; rows.push([]); } else field += ch;
+  }
+  if (field || rows.at(-1).length) rows.at(-1).push(field);
+  const [head, ...body] = rows.filter((r) => r.length > 1 || r[0]);
+  return (body ?? []).map((r) => Object.fromEntries(head.map((k, i) => [k, r[i] ?? ""])));
+}
+
+const num = (s) => (s === "" || s === undefined ? null : Number(s));
+
+function renderCampaignDetail(st, rep, rows) {
+  const id = st.id;
+  const els = rep.elements;
+  const unit = rep.objective?.property ?? "value";
+  const goal = rep.objective?.goal ?? "maximize";
+  const made = rows.filter((r) => r.status === "made");
+  const bud = rep.budget;
+  const hours = bud.hours ? `${fmt(bud.hours_used, 3)} of ${bud.hours} h (${fmt(Math.max(0, bud.hours - bud.hours_used), 3)} h left)`
+    : `${fmt(bud.hours_used, 3)} h (no limit)`;
+  const grams = st.grams_left ? comp(st.grams_left) : "no limit";
+  const budget = [
+    ["samples made", `${rep.samples_made}${bud.samples ? ` of ${bud.samples}` : ""}`],
+    ["samples left", bud.samples_left ?? "no limit"], ["in progress", rep.samples_pending],
+    ["interrupted", rep.samples_interrupted], ["time", hours], ["powder left (g)", grams],
+    ["furnace loads", ["done", "queued", "planned"].map((k) => `${st.batches.filter((b) => b.state === k).length} ${k === "queued" ? "in the queue" : k}`).join(", ")],
+    ["empty crucibles", st.rack_slots_free ?? "—"],
+    ["best", rep.best ? `${fmt(rep.best.value)} ${unit} (${rep.best.sample_id}: ${comp(rep.best.composition)})` : "—"]];
+  const ctl = (action, label, ok, body) => h("button", {
+    type: "button", "data-role": "technician", "data-campaign-control": action, text: label, disabled: !ok,
+    onclick: () => campaignControl(id, action, label, body?.()) });
+  const refill = h("input", { type: "checkbox", id: "campaign-refilled" });
+  const best = h("canvas", { width: 520, height: 300, id: "campaign-best", role: "img",
+    "aria-label": `Best ${unit} (${goal}) against samples made`, "data-samples": made.length });
+  const space = h("canvas", { width: 520, height: 300, id: "campaign-space", role: "img",
+    "aria-label": `Where the samples fall in composition space (${els.join(", ")}), coloured by ${unit}`, "data-samples": made.length });
+  $("#campaign-detail").replaceChildren(h("div", { class: "card", "data-campaign": id },
+    h("div", { class: "row" }, h("h3", { text: `Campaign ${id}` }),
+      h("span", { class: `badge ${st.status}`, id: "campaign-state", text: st.status })),
+    st.reason ? h("p", { id: "campaign-reason", class: st.status === "paused" ? "banner warn" : "help", text: st.reason }) : null,
+    h("div", { class: "controls", role: "group", "aria-label": `Control campaign ${id}` },
+      ctl("pause", "Pause campaign", st.status === "running"),
+      h("span", { class: "check" }, refill, h("label", { for: "campaign-refilled", text: "Rack refilled (used crucibles replaced by empty ones)" })),
+      ctl("resume", "Resume campaign", st.status === "paused", () => ({ refilled: refill.checked })),
+      ctl("stop", "Stop campaign", st.status === "running" || st.status === "paused")),
+    h("p", { id: "campaign-control-error", class: "error", role: "alert" }),
+    h("dl", { class: "kv", id: "campaign-budget" }, budget.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { "data-key": k, text: String(v) })])),
     h("div", { class: "plots" }, best, space),
-    h("table", { class: "table" }, h("thead", {}, h("tr", {}, ...["Sample", "Composition", "Process", unit].map((t) => h("th", { text: t })))),
-      h("tbody", {}, ...obs.slice().reverse().map((o) => h("tr", {},
-        h("td", {}, h("a", { href: `#samples/${encodeURIComponent(o.sample_id)}`, text: o.sample_id })),
-        h("td", { text: comp(o.composition) }), h("td", { text: comp(o.process) }), h("td", { text: fmt(o.value) }))))));
+    h("table", { class: "table" }, h("caption", { class: "sr-only", text: `Samples of campaign ${id}, newest first` }),
+      h("thead", {}, h("tr", {}, ...["Sample", "Status", "Target", "Measured", "Anneal", unit].map((t) => h("th", { text: t })))),
+      h("tbody", { id: "campaign-samples" }, ...[...made].reverse().concat(rows.filter((r) => r.status !== "made")).map((r) => {
+        const target = Object.fromEntries(els.map((e) => [e, num(r[`target_${e}`])]).filter(([, v]) => v));
+        const meas = Object.fromEntries(els.map((e) => [e, num(r[`measured_${e}`])]).filter(([, v]) => v !== null));
+        return h("tr", { "data-sample": r.sample_id },
+          h("td", {}, r.status === "made" ? h("a", { href: `#samples/${encodeURIComponent(r.sample_id)}`, text: r.sample_id }) : r.sample_id),
+          h("td", { text: r.status === "made" ? "made" : `${r.status}: ${r.reason}` }),
+          h("td", { text: comp(target) }), h("td", { text: comp(meas) }),
+          h("td", { text: r.anneal_c ? `${fmt(num(r.anneal_c))} °C, ${fmt(num(r.anneal_h), 3)} h` : "—" }),
+          h("td", { text: fmt(num(r.value)) }));
+      })))));
+  applyRoles($("#campaign-detail"));
+  plotBest(best, made.map((r) => num(r.value)), rep.best_after_sample, goal, unit);
+  plotSpace(space, made.map((r) => ({ value: num(r.value), x: els.map((e) => num(r[`target_${e}`]) ?? 0) })), els, unit);
+}
+
+async function campaignControl(id, action, label, body) {
+  $("#campaign-control-error").textContent = "";
+  try {
+    await api("POST", `/campaigns/${encodeURIComponent(id)}/${action}`, body ?? {});
+    notify(`${label}: done (${id}).`, "info");
+  } catch (err) {
+    if (!(err instanceof ApiError)) { $("#campaign-control-error").textContent = err.message; return; }
+    refused(`${label} ${id}`, err);
+    $("#campaign-control-error").textContent = `The daemon refused: ${err.message}`;
+  }
+  loadCampaign();
 }
 
 function axes(ctx, w, h_, pad, xr, yr, xl, yl) {
@@ -616,120 +717,171 @@ function axes(ctx, w, h_, pad, xr, yr, xl, yl) {
   return [sx, sy];
 }
 
-function plotBest(canvas, obs, goal, unit) {
+// Each sample's value (grey dots) and the best so far (the report's best_after_sample, a step line).
+function plotBest(canvas, values, bestAfter, goal, unit) {
   const ctx = canvas.getContext("2d");
-  const values = obs.map((o) => o.value);
-  if (!values.length) { ctx.fillText("no samples measured yet", 20, 30); return; }
-  const better = goal === "minimize" ? (a, b) => a < b : (a, b) => a > b;
-  const best = [];
-  for (const o of obs) {
-    const u = o.utility ?? (goal === "minimize" ? -o.value : o.value);
-    const prev = best.at(-1);
-    best.push(!prev || u > prev.u || (o.utility === undefined && better(o.value, prev.v)) ? { u, v: o.value } : prev);
-  }
-  const lo = Math.min(...values); const hi = Math.max(...values);
-  const [sx, sy] = axes(ctx, canvas.width, canvas.height, 50, [1, Math.max(2, obs.length)], [lo, hi], "samples made", unit);
-  ctx.fillStyle = "#8a95a5";
-  values.forEach((v, i) => { ctx.beginPath(); ctx.arc(sx(i + 1), sy(v), 3, 0, 7); ctx.fill(); });
+  ctx.font = "14px system-ui";
+  if (!values.length) { ctx.fillText("no sample measured yet", 20, 30); return; }
+  const all = [...values, ...bestAfter];
+  const lo = Math.min(...all); const hi = Math.max(...all);
+  const pad = (hi - lo) * 0.08 || Math.abs(hi) * 0.05 || 1;
+  const [sx, sy] = axes(ctx, canvas.width, canvas.height, 50, [1, Math.max(2, values.length)],
+    [lo - pad, hi + pad], "samples made", `${unit} (${goal})`);
+  ctx.fillStyle = "#6b7483";
+  values.forEach((v, i) => { ctx.beginPath(); ctx.arc(sx(i + 1), sy(v), 3.5, 0, 7); ctx.fill(); });
   ctx.strokeStyle = "#0b5cad"; ctx.lineWidth = 2.5; ctx.beginPath();
-  best.forEach((b, i) => (i ? ctx.lineTo(sx(i + 1), sy(b.v)) : ctx.moveTo(sx(1), sy(b.v))));
+  bestAfter.forEach((b, i) => {
+    if (i === 0) { ctx.moveTo(sx(1), sy(b)); return; }
+    ctx.lineTo(sx(i + 1), sy(bestAfter[i - 1])); ctx.lineTo(sx(i + 1), sy(b));
+  });
   ctx.stroke();
 }
 
-function plotSpace(canvas, obs, elements) {
+// The first two principal components of the compositions (power iteration on the covariance):
+// the projection the report's PNG uses for more than three elements.
+function pca2(xs) {
+  const k = xs[0].length; const n = xs.length;
+  const mean = Array.from({ length: k }, (_, j) => xs.reduce((s, x) => s + x[j], 0) / n);
+  const c = xs.map((x) => x.map((v, j) => v - mean[j]));
+  let cov = Array.from({ length: k }, (_, a) => Array.from({ length: k }, (_, b) => c.reduce((s, x) => s + x[a] * x[b], 0) / n));
+  const comps = [];
+  for (let m = 0; m < 2; m += 1) {
+    let v = Array.from({ length: k }, (_, j) => 1 + j * 0.1);
+    let lambda = 0;
+    for (let it = 0; it < 200; it += 1) {
+      const w = cov.map((row) => row.reduce((s, x, j) => s + x * v[j], 0));
+      const norm = Math.hypot(...w) || 1;
+      lambda = norm; v = w.map((x) => x / norm);
+    }
+    comps.push(v);
+    cov = cov.map((row, a) => row.map((x, b) => x - lambda * v[a] * v[b]));  // deflate
+  }
+  return c.map((x) => comps.map((v) => x.reduce((s, xi, j) => s + xi * v[j], 0)));
+}
+
+function plotSpace(canvas, points, elements, unit) {
   const ctx = canvas.getContext("2d");
-  if (!obs.length || elements.length < 2) { ctx.fillText("no samples measured yet", 20, 30); return; }
-  const values = obs.map((o) => o.value);
+  ctx.font = "14px system-ui";
+  if (!points.length) { ctx.fillText("no sample measured yet", 20, 30); return; }
+  const values = points.map((p) => p.value);
   const lo = Math.min(...values); const hi = Math.max(...values);
   const colour = (v) => `hsl(${240 - 240 * ((v - lo) / (hi - lo || 1))} 80% 42%)`;
   const w = canvas.width; const ht = canvas.height;
   let place;
   if (elements.length === 3) {  // a ternary diagram
-    const [a, b, c] = elements;
     ctx.clearRect(0, 0, w, ht); ctx.strokeStyle = "#15181d"; ctx.fillStyle = "#15181d"; ctx.font = "13px system-ui";
-    const P = [[w / 2, 15], [40, ht - 25], [w - 40, ht - 25]];
+    const P = [[w / 2, 15], [40, ht - 35], [w - 40, ht - 35]];
     ctx.beginPath(); ctx.moveTo(...P[0]); ctx.lineTo(...P[1]); ctx.lineTo(...P[2]); ctx.closePath(); ctx.stroke();
-    ctx.fillText(a, P[0][0] + 8, P[0][1] + 5); ctx.fillText(b, P[1][0] - 20, P[1][1] + 18); ctx.fillText(c, P[2][0] + 4, P[2][1] + 18);
-    place = (o) => {
-      const f = [a, b, c].map((e) => o.composition?.[e] ?? 0); const s = f[0] + f[1] + f[2] || 1;
-      return [0, 1].map((k) => (f[0] * P[0][k] + f[1] * P[1][k] + f[2] * P[2][k]) / s);
+    ctx.fillText(elements[0], P[0][0] + 8, P[0][1] + 5); ctx.fillText(elements[1], P[1][0] - 20, P[1][1] + 16);
+    ctx.fillText(elements[2], P[2][0] + 4, P[2][1] + 16);
+    place = (p) => {
+      const s = p.x[0] + p.x[1] + p.x[2] || 1;
+      return [0, 1].map((k) => (p.x[0] * P[0][k] + p.x[1] * P[1][k] + p.x[2] * P[2][k]) / s);
     };
+  } else if (elements.length === 2) {
+    const [sx, sy] = axes(ctx, w, ht, 50, [0, 1], [0, 1], `${elements[0]} fraction`, `${elements[1]} fraction`);
+    place = (p) => [sx(p.x[0]), sy(p.x[1])];
   } else {
-    const [a, b] = elements;
-    const [sx, sy] = axes(ctx, w, ht, 50, [0, 1], [0, 1], `${a} fraction`, `${b} fraction`);
-    place = (o) => [sx(o.composition?.[a] ?? 0), sy(o.composition?.[b] ?? 0)];
+    const pc = pca2(points.map((p) => p.x));
+    const ext = (j) => [Math.min(...pc.map((q) => q[j])) - 0.02, Math.max(...pc.map((q) => q[j])) + 0.02];
+    const [sx, sy] = axes(ctx, w, ht, 50, ext(0), ext(1), "principal component 1", "principal component 2");
+    const index = new Map(points.map((p, i) => [p, i]));
+    place = (p) => [sx(pc[index.get(p)][0]), sy(pc[index.get(p)][1])];
   }
-  obs.forEach((o) => { const [x, y] = place(o); ctx.fillStyle = colour(o.value); ctx.beginPath(); ctx.arc(x, y, 4.5, 0, 7); ctx.fill(); });
-  ctx.fillStyle = "#15181d"; ctx.fillText(`colour: ${fmt(lo, 3)} (blue) … ${fmt(hi, 3)} (red)`, 50, ht - 4);
+  points.forEach((p) => { const [x, y] = place(p); ctx.fillStyle = colour(p.value); ctx.beginPath(); ctx.arc(x, y, 5, 0, 7); ctx.fill(); });
+  ctx.fillStyle = "#15181d"; ctx.font = "12px system-ui";
+  ctx.fillText(`colour: ${unit} ${fmt(lo, 3)} (blue) … ${fmt(hi, 3)} (red)`, 50, ht - 4);
 }
 
+// The textarea's text (YAML or JSON, as a campaign file, with its run: section) goes to the
+// daemon as it is: the daemon parses it and names what is wrong.
 async function startCampaign(ev) {
   ev.preventDefault();
-  const text = $("#campaign-spec").value.trim();
+  const text = $("#campaign-spec").value;
   $("#campaign-error").textContent = "";
-  if (!text) { $("#campaign-error").textContent = "Paste a campaign spec or load a file first."; return; }
-  let spec;
-  try { spec = JSON.parse(text); } catch { spec = null; }
+  if (!text.trim()) { $("#campaign-error").textContent = "Paste a campaign spec or load a file first."; return; }
   try {
-    // JSON is sent as an object; YAML as its text, for the daemon to parse and validate.
-    await api("POST", "/campaigns", spec !== null ? { spec } : { spec_yaml: text });
-    notify("Campaign started.", "info");
-    loadCampaigns();
+    const c = await api("POST", "/campaigns", { spec_yaml: text });
+    notify(`Campaign ${c.id} started.`, "info");
+    $("#campaign-new").open = false;
+    if (location.hash === `#campaigns/${encodeURIComponent(c.id)}`) loadCampaigns();
+    else location.hash = `#campaigns/${encodeURIComponent(c.id)}`;
   } catch (err) {
     const errors = err.detail?.errors ?? [];
-    $("#campaign-error").textContent = [err.message, ...errors.map((e) => `${e.field}: ${e.message}`)].join("\n");
+    const why = err.status === 403 ? "Refused: starting a campaign needs the technician role"
+      : err.status === 409 ? "Refused" : err.status === 422 ? "The daemon refused the spec" : "Error";
+    $("#campaign-error").textContent = [`${why}: ${err.message}`,
+      ...errors.map((e) => `• ${e.field}: ${e.message}`)].join("\n");
   }
 }
 
 // -- samples -------------------------------------------------------------------------------------
-// Built on GET /samples and GET /samples/{id}: rows of labd.samples.SampleRow.as_dict().
+// GET /samples (the journal's sample table, rows of labd.samples.SampleRow) and GET
+// /samples/{id} (one row and its run's furnace profile).
 async function loadSamples(selected) {
   const note = $("#samples-status");
   try {
-    const rows = await api("GET", "/samples?limit=200");
-    S.samples = Array.isArray(rows) ? rows : rows?.samples ?? [];
+    S.samples = await api("GET", "/samples");
     note.textContent = S.samples.length ? "" : "No samples made yet.";
   } catch (err) {
-    note.textContent = err.status === 404 || err.status === 405
-      ? "This daemon has no sample API (GET /api/v1/samples: not found)." : `Cannot load samples: ${err.message}`;
+    note.textContent = `Cannot load samples: ${err.message}`;
     S.samples = [];
   }
   const unit = (r) => (r.property_unit ? ` ${r.property_unit}` : "");
-  $("#sample-rows").replaceChildren(...S.samples.map((r) => h("tr", {},
+  $("#sample-rows").replaceChildren(...[...S.samples].reverse().map((r) => h("tr", { "data-sample": r.sample_id },
     h("td", {}, h("a", { href: `#samples/${encodeURIComponent(r.sample_id)}`, text: r.sample_id })),
     h("td", { text: r.campaign ?? "—" }), h("td", { text: comp(r.target_composition) }),
     h("td", { text: comp(r.measured_composition) }),
-    h("td", { text: r.property_value !== undefined && r.property_value !== null ? `${r.property_name ?? ""} ${fmt(r.property_value)}${unit(r)}` : "—" }))));
-  if (selected) showSample(selected);
+    h("td", { text: r.property_value !== null ? `${r.property_name ?? ""} ${fmt(r.property_value)}${unit(r)}` : "—" }))));
+  if (selected) await showSample(selected);
   else $("#sample-detail").replaceChildren();
+}
+
+function plotFurnace(canvas, f) {
+  const t0 = f.time[0];
+  const mins = f.time.map((t) => (t - t0) / 60);
+  const lo = Math.min(...f.value); const hi = Math.max(...f.value);
+  const ctx = canvas.getContext("2d");
+  const [sx, sy] = axes(ctx, canvas.width, canvas.height, 50, [0, Math.max(...mins) || 1],
+    [Math.floor(lo / 50) * 50, Math.ceil(hi / 50) * 50 || 50], "minutes since the program started",
+    `${f.data_key}${f.units ? ` (${f.units})` : ""}`);
+  ctx.strokeStyle = "#a4161a"; ctx.lineWidth = 2; ctx.beginPath();
+  mins.forEach((m, i) => (i ? ctx.lineTo(sx(m), sy(f.value[i])) : ctx.moveTo(sx(m), sy(f.value[i]))));
+  ctx.stroke();
 }
 
 async function showSample(id) {
   let s;
   try { s = await api("GET", `/samples/${encodeURIComponent(id)}`); } catch (err) {
-    $("#sample-detail").replaceChildren(h("p", { class: "error", text: `Sample ${id}: ${err.message}` }));
+    $("#sample-detail").replaceChildren(h("p", { class: "error", role: "alert", text: `Sample ${id}: ${err.message}` }));
     return;
   }
-  const els = [...new Set([...Object.keys(s.target_composition ?? {}), ...Object.keys(s.measured_composition ?? {}), ...Object.keys(s.dosed_mg ?? {})])];
-  const profile = s.furnace_profile ?? s.furnace ?? null;
-  const canvas = h("canvas", { width: 520, height: 240, role: "img", "aria-label": "Furnace temperature followed" });
-  if (Array.isArray(profile) && profile.length) {
-    const t = profile.map((p) => p.time ?? p[0]); const T = profile.map((p) => p.temperature ?? p.value ?? p[1]);
-    const [sx, sy] = axes(canvas.getContext("2d"), 520, 240, 50, [0, Math.max(...t) - t[0] || 1], [Math.min(...T), Math.max(...T)], "time, s", "°C");
-    const ctx = canvas.getContext("2d"); ctx.strokeStyle = "#a4161a"; ctx.lineWidth = 2; ctx.beginPath();
-    t.forEach((x, i) => (i ? ctx.lineTo(sx(x - t[0]), sy(T[i])) : ctx.moveTo(sx(0), sy(T[i])))); ctx.stroke();
-  }
-  $("#sample-detail").replaceChildren(h("div", { class: "card", "data-sample": s.sample_id },
+  const els = [...new Set([...Object.keys(s.target_composition), ...Object.keys(s.measured_composition), ...Object.keys(s.dosed_mg)])];
+  const f = s.furnace;
+  const canvas = h("canvas", { width: 620, height: 260, id: "sample-furnace", role: "img",
+    "aria-label": "Temperature the furnace followed in this sample's run", "data-points": f ? f.value.length : 0 });
+  const peak = f ? Math.max(...f.value) : null;
+  const unit = s.property_unit ? ` ${s.property_unit}` : "";
+  const facts = [
+    [s.property_name ?? "property", s.property_value !== null ? `${fmt(s.property_value)}${unit}` : "not measured"],
+    ["anneal", s.anneal_c !== null ? `${fmt(s.anneal_c)} °C for ${duration(s.anneal_s)}` : "—"],
+    ["made by", `${s.protocol ?? "—"}${s.campaign ? ` (campaign ${s.campaign})` : ""}`],
+    ["finished", new Date(s.time * 1000).toLocaleString()], ["run", s.run_uid],
+    ...Object.entries(s.extra ?? {}).map(([k, v]) => [k.replaceAll("_", " "), fmt(v)])];
+  $("#sample-detail").replaceChildren(h("div", { class: "card", id: "sample-story", "data-sample": s.sample_id },
     h("h3", { text: `Sample ${s.sample_id}` }),
-    h("p", { class: "help", text: `${s.protocol ?? ""} · run ${s.run_uid ?? "—"} · ${when(s.time)}${s.campaign ? ` · campaign ${s.campaign}` : ""}` }),
-    h("table", { class: "table" }, h("thead", {}, h("tr", {}, ...["Element", "Target (at.)", "Measured (at.)", "Dosed (mg)"].map((x) => h("th", { text: x })))),
-      h("tbody", {}, ...els.map((e) => h("tr", {}, h("td", { text: e }), h("td", { text: fmt(s.target_composition?.[e]) }),
-        h("td", { text: fmt(s.measured_composition?.[e]) }), h("td", { text: fmt(s.dosed_mg?.[e]) }))))),
-    h("dl", { class: "kv" }, [["anneal", `${fmt(s.anneal_c)} °C for ${duration(s.anneal_s)}`],
-      [s.property_name ?? "property", `${fmt(s.property_value)} ${s.property_unit ?? ""}`],
-      ...Object.entries(s.extra ?? {}).map(([k, v]) => [k, fmt(v)])].flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })])),
+    h("table", { class: "table", id: "sample-composition" },
+      h("caption", { class: "sr-only", text: "Composition: targeted, measured, and the powder dosed" }),
+      h("thead", {}, h("tr", {}, ...["Element", "Target (at. fraction)", "Measured (at. fraction)", "Dosed (mg)"].map((x) => h("th", { text: x })))),
+      h("tbody", {}, ...els.map((e) => h("tr", { "data-element": e }, h("td", { text: e }), h("td", { text: fmt(s.target_composition[e]) }),
+        h("td", { text: fmt(s.measured_composition[e]) }), h("td", { text: fmt(s.dosed_mg[e]) }))))),
+    h("dl", { class: "kv", id: "sample-facts" }, facts.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { "data-key": k, text: v })])),
     h("h4", { text: "Furnace profile" }),
-    Array.isArray(profile) && profile.length ? canvas : h("p", { class: "muted", text: "The API gave no furnace profile for this sample." })));
+    f ? h("p", { class: "help", id: "sample-furnace-summary",
+      text: `${f.points_total} readings of ${f.data_key}, peak ${fmt(peak)}${f.units ? ` ${f.units}` : ""}, over ${duration(f.time.at(-1) - f.time[0])}` }) : null,
+    f ? canvas : h("p", { class: "muted", text: "This sample's run recorded no furnace temperatures." })));
+  if (f) plotFurnace(canvas, f);
+  $("#sample-story").scrollIntoView({ block: "start" });
 }
 
 // -- navigation and wiring -----------------------------------------------------------------------
