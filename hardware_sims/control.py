@@ -11,6 +11,8 @@ Requests (``op``):
 ``endpoints``                             -> where every device listens (as ``--endpoints``)
 ``state`` ``[device]``                    -> one device's physical state, or all and the world
 ``world``                                 -> crucibles, their contents, locations, heat history
+``refill_rack`` ``[slots]``                -> the operator replaces used crucibles in rack slots
+                                             (all by default) with empty ones
 ``fault`` ``device`` ``fault``            -> inject ``fault`` (see :mod:`hardware_sims.faults`)
 ``clear`` ``device`` ``[kind]``           -> end one kind of fault, or all of that device's
 ``faults`` ``[device]``                   -> the active faults
@@ -111,6 +113,14 @@ class ControlServer:
             return {"state": cell.state(device if isinstance(device, str) else None)}
         if op == "world":
             return {"world": cell.world.state()}
+        if op == "refill_rack":
+            slots = req.get("slots")
+            if slots is not None and (not isinstance(slots, list)
+                                      or not all(isinstance(x, str) for x in slots)):
+                raise ControlError("slots must be a list of rack slot names")
+            result = cell.world.refill_rack(slots)
+            log.info("rack refilled: %s", result)
+            return result
         if op == "faults":
             names = [req["device"]] if req.get("device") else list(cell.devices)
             return {"faults": {n: cell.device(n).faults.state() for n in names}}
@@ -146,7 +156,8 @@ class ControlServer:
                 raise ControlError("time_scale needs a numeric 'value'")
             cell.clock.set_time_scale(float(value))
             return {"time_scale": cell.clock.time_scale}
-        ops = "ping, endpoints, state, world, faults, fault, clear, action, time_scale"
+        ops = ("ping, endpoints, state, world, refill_rack, faults, fault, clear, action, "
+               "time_scale")
         raise ControlError(f"unknown op {op!r}; ops: {ops}")
 
 

@@ -173,6 +173,8 @@ class World:
         self.truth = truth
         self.locations = dict(config.locations)
         self.crucibles: dict[str, Crucible] = {}
+        #: Crucibles the operator took out of the cell (they hold samples), by id.
+        self.removed: dict[str, Crucible] = {}
         self.held: Crucible | None = None
         racks = [name for name, loc in self.locations.items() if loc.kind == "rack"]
         if config.crucibles > len(racks):
@@ -227,6 +229,40 @@ class World:
             crucible.location = where
         return crucible
 
+    # -- the operator --------------------------------------------------------------------------
+    def refill_rack(self, slots: list[str] | None = None) -> dict[str, object]:
+        """The operator replaces used crucibles in rack slots with empty ones.
+
+        In each of ``slots`` (default: every rack slot) a crucible that holds powder is taken out
+        of the cell (kept in :attr:`removed` with its story) and an empty crucible is put in its
+        place; an empty slot gets an empty crucible; an unused crucible stays. New crucibles are
+        named on from the highest id so far. Returns the slots refilled (slot -> new crucible id)
+        and the ids taken out.
+        """
+        racks = [name for name, loc in self.locations.items() if loc.kind == "rack"]
+        chosen = racks if slots is None else list(slots)
+        bad = [s for s in chosen if s not in racks]
+        if bad:
+            raise ValueError(f"not rack slots: {bad} (rack slots: {', '.join(racks)})")
+        placed: dict[str, str] = {}
+        taken: list[str] = []
+        for slot in chosen:
+            old = self.crucible_at(slot)
+            if old is not None and not old.powders_mg:
+                continue
+            if old is not None:
+                del self.crucibles[old.id]
+                old.location = "removed"
+                self.removed[old.id] = old
+                taken.append(old.id)
+            n = len(self.crucibles) + len(self.removed) + 1
+            while f"C{n:03d}" in self.crucibles or f"C{n:03d}" in self.removed:
+                n += 1
+            cid = f"C{n:03d}"
+            self.crucibles[cid] = Crucible(cid, self.config.crucible_tare_g, slot)
+            placed[slot] = cid
+        return {"refilled": placed, "removed": taken}
+
     # -- processes -----------------------------------------------------------------------------
     def add_powder(self, location: str, element: str, mg: float) -> Crucible | None:
         """Powder dosed at ``location``; returns the crucible that received it (None: spilled)."""
@@ -264,4 +300,5 @@ class World:
             "virtual_time_s": self.clock.now(),
             "held": self.held.id if self.held else None,
             "crucibles": {cid: c.state(hold) for cid, c in self.crucibles.items()},
+            "removed": {cid: c.state(hold) for cid, c in self.removed.items()},
         }
