@@ -27,7 +27,9 @@ Crucibles (a physical decision)
     rack slots by default) and records it as used when the batch is planned. When fewer empty
     crucibles are left than a batch needs, the campaign pauses with a reason that says so; the
     operator puts empty crucibles in and resumes with ``refilled=True`` (``labctl campaign
-    resume ID --refilled``), which frees the slots again. The simulated cell of the end-to-end
+    resume ID --refilled``), which frees the slots again. The rack is the cell's, not a
+    campaign's: a slot used by any campaign is not given to another until a refill, and a refill
+    frees the used slots of every campaign. The simulated cell of the end-to-end
     tests is configured with 48 rack slots and crucibles for a 40-sample campaign.
 
     A batch that ends without all its results (failed, aborted, interrupted by a crash) leaves
@@ -59,9 +61,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.campaign import Campaign, CampaignSpec
+from protocols.registry import ProtocolError
 
 from .store import ExitStatus, QueueItem, StoreError
 
@@ -332,20 +335,20 @@ class CampaignService:
         slots = options.rack_slots or list(layout.rack_slots)
         bad = [s for s in slots if s not in layout.rack_slots]
         if bad:
-            raise CampaignError(f"rack_slots: {bad} are not rack slots of this cell "
+            raise CampaignError(f"run.rack_slots: {bad} are not rack slots of this cell "
                                 f"({', '.join(layout.rack_slots)})", 422)
         no_head = [el for el in spec.elements if el not in layout.heads]
         if no_head:
-            raise CampaignError(f"elements: no doser head holds {', '.join(no_head)} (this cell "
-                                f"doses {', '.join(layout.elements)})", 422)
+            raise CampaignError(f"spec.elements: no doser head holds {', '.join(no_head)} (this "
+                                f"cell doses {', '.join(layout.elements)})", 422)
         # the fixed parameters must be acceptable to the protocol (checked with a probe sample)
         probe = self._params(spec, options, [{"sample_id": "probe", "composition":
                                               {el: 1 / len(spec.elements) for el in
                                                spec.elements}, "process": {}}], slots[:1])
         try:
             self.daemon.engine.validate(PROTOCOL, probe)
-        except ValidationError as exc:
-            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        except ProtocolError as exc:  # the registry's refusal (a ValidationError per field)
+            errs = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors) or str(exc)
             raise CampaignError(f"run.params: {errs}", 422) from None
         executor = concurrent.futures.ThreadPoolExecutor(1, "labd-campaign")
         loop = asyncio.get_running_loop()
@@ -391,10 +394,16 @@ class CampaignService:
         if live.status is not CampaignStatus.PAUSED:
             raise CampaignError(f"campaign {campaign_id} is {live.status}, not paused")
         if refilled:
-            # the slots of batches still to be made keep their (empty, new) crucibles
-            keep = {s["rack_slot"] for b in live.batches if b.state is not BatchState.DONE
-                    for s in b.params["samples"]}
-            live.used_slots = [s for s in live.used_slots if s in keep]
+            # The rack is the cell's: every used crucible in it was replaced, whichever campaign
+            # used it. The slots of batches still to be made keep their (empty) crucibles.
+            for other in self.campaigns.values():
+                keep = {s["rack_slot"] for b in other.batches if b.state is not BatchState.DONE
+                        for s in b.params["samples"]}
+                left = [s for s in other.used_slots if s in keep]
+                if left != other.used_slots:
+                    other.used_slots = left
+                    if other is not live:
+                        await self._persist(other)
         live.status, live.reason = CampaignStatus.RUNNING, None
         await self._persist(live)
         live.wake.set()
@@ -579,7 +588,8 @@ class CampaignService:
         if layout is None:
             return None
         slots = live.options.rack_slots or list(layout.rack_slots)
-        used = set(live.used_slots)
+        # a crucible another campaign used holds its sample until the operator refills the rack
+        used = {s for c in self.campaigns.values() for s in c.used_slots}
         return [s for s in slots if s not in used]
 
     async def _queue(self, live: _Live, batch: Batch) -> None:
