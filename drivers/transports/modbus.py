@@ -63,6 +63,12 @@ def exception_name(code: int) -> str:
         return f"UNKNOWN_EXCEPTION_{code}"
 
 
+def _discard_result(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of an exchange whose caller was cancelled (nobody else will)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class ModbusBus:
     """One Modbus bus (one pymodbus client), shared by every device id on it."""
 
@@ -84,6 +90,8 @@ class ModbusBus:
         self.stats = TransportStats()
         self.wire = WireLog(name)
         self.lock = asyncio.Lock()
+        #: Reconnect after a timeout (Modbus TCP; see :meth:`_once`).
+        self.resync_on_timeout = False
         self._ever_connected = False
         # Wire log and link events through pymodbus's trace hooks (it keeps a reference).
         client.ctx.trace_packet = self._trace_packet
@@ -100,7 +108,9 @@ class ModbusBus:
             host, port=port, framer=FramerType.SOCKET, timeout=timeout, retries=0,
             reconnect_delay=reconnect_delay, reconnect_delay_max=reconnect_delay_max, name=name,
         )
-        return cls(name, client, timeout=timeout, **kw)
+        bus = cls(name, client, timeout=timeout, **kw)
+        bus.resync_on_timeout = True
+        return bus
 
     @classmethod
     def rtu_tcp(
@@ -221,6 +231,25 @@ class ModbusBus:
     async def _once(
         self, device: str, command: str, call: Callable[[], Awaitable[ModbusPDU]], t: float
     ) -> ModbusPDU:
+        """One request, shielded from the caller's cancellation.
+
+        A caller may be cancelled while its request is on the wire (a plan aborted, a monitor
+        read given up by ``wait_for``). If that released the bus, the next request would go out
+        before the instrument has answered the first one: on RS-485 two masters' frames collide,
+        and on Modbus TCP pymodbus takes the late answer as a stray transaction and the next
+        request times out too. So the exchange runs as a task of its own that keeps the bus
+        until the reply (or its timeout); a cancelled caller just stops waiting for it.
+        """
+        task = asyncio.ensure_future(self._exchange(device, command, call, t))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_discard_result)
+            raise
+
+    async def _exchange(
+        self, device: str, command: str, call: Callable[[], Awaitable[ModbusPDU]], t: float
+    ) -> ModbusPDU:
         async with self.lock:
             self.stats.requests += 1
             started = time.perf_counter()
@@ -241,6 +270,12 @@ class ModbusBus:
                 err: DriverError = DeviceTimeout(device, command, t)
                 if not self.client.connected:
                     err = NotConnected(device, command, f"{self.name}: link lost")
+                elif self.resync_on_timeout:
+                    # The reply may still come: on Modbus TCP pymodbus then sees a transaction id
+                    # it no longer waits for and discards what follows it, so every later request
+                    # times out too. Start the next request on a fresh connection instead.
+                    self.wire.note(f"timeout on {command!r}: reconnecting to resynchronise")
+                    self.client.close()
                 self.stats.record_error(err)
                 raise err from exc
             except ConnectionException as exc:

@@ -228,6 +228,43 @@ async def test_no_reply_is_device_timeout(rig: Rig) -> None:
     assert await rig.client.temperature() == pytest.approx(rig.sim.model.pv, abs=1)
 
 
+async def test_a_late_reply_does_not_desynchronise_later_requests(rig: Rig) -> None:
+    """A reply that comes after the timeout: that read fails, and every request after it gets its
+    own answer (on Modbus TCP the late reply would otherwise be taken by pymodbus as a stray
+    transaction and the next requests time out one after the other)."""
+    await rig.sim.control("set_pv", {"value": 640.0})
+    await rig.sim.set_fault(Fault(kind=FaultKind.LATE_REPLY, delay_s=0.6, count=1))
+    with pytest.raises(DeviceTimeout):
+        await rig.client.temperature()
+    await asyncio.sleep(0.7)  # the late reply has now arrived on the old link (or the line)
+    for _ in range(5):
+        assert await rig.client.temperature() == 640.0
+    await rig.client.set_setpoint(222.0)
+    assert rig.sim.model.sp1 == pytest.approx(222.0)
+
+
+async def test_a_cancelled_read_keeps_the_bus_until_its_reply(rig: Rig) -> None:
+    """A caller cancelled while its request is on the wire (an aborted plan, a monitor read given
+    up): the request keeps the bus until its reply, so the next request is not answered with the
+    reply meant for the first one, nor lost behind it."""
+    await rig.sim.control("set_pv", {"value": 510.0})
+    await rig.sim.set_fault(Fault(kind=FaultKind.LATE_REPLY, delay_s=0.2, count=1))
+    slow = asyncio.create_task(rig.client.temperature())
+    await wait_for(lambda: rig.sim.requests > 0 and rig.sim.faults.get(FaultKind.LATE_REPLY)
+                   is None, timeout=5, what="the slow request to reach the furnace")
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    # The exchange still holds the bus: nothing else goes on the wire before its reply. (The
+    # simulator's pymodbus TCP server, like many real devices, answers only the first of two
+    # requests that arrive together, so a second request sent now would simply be lost.)
+    assert rig.client.modbus.bus.lock.locked()
+    await rig.client.set_setpoint(333.0)
+    assert rig.sim.model.sp1 == pytest.approx(333.0)
+    for _ in range(3):
+        assert await rig.client.temperature() == 510.0
+
+
 async def test_garbled_reply(rig: Rig) -> None:
     """A garbled reply: pymodbus 3.16 discards a frame with a bad CRC (RTU) or a bad MBAP
     header/length (TCP) and keeps waiting, so what the user gets is DeviceTimeout naming the
