@@ -133,6 +133,31 @@ class HubPostgresConfig(_Secret):
         return self
 
 
+class HubTiledConfig(BaseModel):
+    """A Tiled server (the optional extra ``labd[tiled]``); the API key from a file (first line)
+    or an environment variable, never in the YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    #: The server, or a container on it (``http://hub:8000/api/v1/metadata/lab``).
+    uri: str = Field(default="", pattern=r"^(https?://\S+)?$")
+    api_key_file: Path | None = None
+    api_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> HubTiledConfig:
+        if self.api_key_file is not None and self.api_key_env is not None:
+            raise ValueError("give api_key_file or api_key_env, not both")
+        if self.enabled and not self.uri:
+            raise ValueError("uri is required when the Tiled forwarder is enabled")
+        return self
+
+    def password(self) -> str | None:
+        """The API key, read now (named like the other sections' secret, for the hub service)."""
+        return _Secret(password_file=self.api_key_file, password_env=self.api_key_env).password()
+
+
 class HubConfig(BaseModel):
     """The document journal and the forwarders to the lab's data hub (labd.hubservice)."""
 
@@ -141,6 +166,7 @@ class HubConfig(BaseModel):
     journal: JournalConfig = Field(default_factory=JournalConfig)
     mqtt: HubMqttConfig = Field(default_factory=HubMqttConfig)
     postgres: HubPostgresConfig = Field(default_factory=HubPostgresConfig)
+    tiled: HubTiledConfig = Field(default_factory=HubTiledConfig)
 
 
 class DaemonConfig(BaseModel):
@@ -228,4 +254,7 @@ def load_config(path: Path | str) -> DaemonConfig:
     for secret in (cfg.hub.mqtt, cfg.hub.postgres):
         if secret.password_file is not None and not secret.password_file.is_absolute():
             secret.password_file = (base / secret.password_file).resolve()
+    tiled = cfg.hub.tiled
+    if tiled.api_key_file is not None and not tiled.api_key_file.is_absolute():
+        tiled.api_key_file = (base / tiled.api_key_file).resolve()
     return cfg

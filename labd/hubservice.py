@@ -105,6 +105,14 @@ def _pg_target(conninfo: str) -> str:
             f"{p.get('port', '5432')}/{p.get('dbname', '')}")
 
 
+def _tiled_installed() -> None:
+    """ConfigError if the Tiled forwarder is enabled but its optional extra is not installed."""
+    from labd.hub import tiled
+
+    if tiled.TILED_IMPORT_ERROR is not None:
+        raise ConfigError(tiled.TILED_IMPORT_ERROR)
+
+
 class HubService:
     """Runs the forwarders of ``config`` for ``journal`` in a child process (see the module)."""
 
@@ -147,12 +155,16 @@ class HubService:
         if cfg.postgres.enabled:
             p = cfg.postgres
             wanted.append(("postgres", p, {"conninfo": p.conninfo}, _pg_target(p.conninfo)))
+        if cfg.tiled.enabled:
+            wanted.append(("tiled", cfg.tiled, {"uri": cfg.tiled.uri}, cfg.tiled.uri.rstrip("/")))
         for name, section, params, target in wanted:
             cursor = self.journal.get_cursor(name)
             status = {"name": name, "target": target, "connected": False, "cursor": cursor,
                       "backlog": 0, "delivered": 0, "last_error": None, "last_error_time": None,
                       "last_delivery_time": None}
             try:
+                if name == "tiled":
+                    _tiled_installed()
                 password = section.password()
             except ConfigError as exc:
                 message = f"not started: {exc}"
@@ -340,6 +352,12 @@ def _forwarders(view: JournalView, spec: dict[str, Any]) -> list[Any]:
             out.append(PostgresForwarder(view, cell=spec["cell"], conninfo=f["conninfo"],
                                          password=f.get("password"), name=f["name"],
                                          batch_size=2000))
+        elif f["kind"] == "tiled":
+            from labd.hub.tiled import TiledForwarder
+
+            out.append(TiledForwarder(view, cell=spec["cell"], uri=f["uri"],
+                                      api_key=f.get("password"), name=f["name"],
+                                      batch_size=2000))
     return out
 
 

@@ -1,7 +1,8 @@
 """Hub forwarders: the journal's documents to the lab's data hub (MQTT, PostgreSQL).
 
 ``Forwarder`` (base: durable cursor, backlog, backoff, status), ``MqttForwarder``,
-``PostgresForwarder``; see each module. Tiled is not implemented (an optional extra of issue 6).
+``PostgresForwarder``; see each module. ``labd.hub.tiled.TiledForwarder`` (the optional extra
+``labd[tiled]``) is imported from its module, so that labd runs without Tiled installed.
 """
 
 from labd.hub.base import Forwarder, ForwarderStatus, HubError
