@@ -71,7 +71,7 @@ FrameParser = Callable[[bytes], int | None]
 
 
 class _LinkProtocol(asyncio.Protocol):
-    """Collects received bytes in a buffer and wakes the one reader waiting on them."""
+    """Collects received bytes in a buffer and wakes the readers waiting on them."""
 
     def __init__(self, wire: WireLog) -> None:
         self.wire = wire
@@ -80,7 +80,9 @@ class _LinkProtocol(asyncio.Protocol):
         self.lost = False
         self.lost_reason: str = ""
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiter: asyncio.Future[None] | None = None
+        # Every coroutine waiting for bytes (normally one; a stop written past the link's lock,
+        # or a real-time status poll, can add another): all are woken, none is forgotten.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -106,15 +108,21 @@ class _LinkProtocol(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def wait_data(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved by the next bytes (or the link's loss), registered *now*.
+
+        Registering before the caller awaits matters: ``asyncio.wait_for(coroutine)`` (3.11)
+        runs the coroutine as a task that starts on a later loop iteration, and bytes that
+        arrived in between would wake nobody: the reply sat in the buffer until the timeout.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        fut.add_done_callback(self._waiters.discard)
+        return fut
 
 
 class _ThreadedSerial(asyncio.Transport):
@@ -519,7 +527,7 @@ class SerialSession:
         if remaining <= 0:
             return False
         try:
-            await asyncio.wait_for(proto.wait_data(), remaining)
+            await asyncio.wait_for(proto.waiter(), remaining)
         except TimeoutError:
             return False
         return True

@@ -284,3 +284,22 @@ async def test_exchange_with_frame_parser(tmp_path: Path) -> None:
             assert ei.value.raw is not None and ei.value.raw.startswith(b"x")
         finally:
             await port.close()
+
+
+async def test_bytes_that_arrive_as_the_wait_begins_wake_the_reader() -> None:
+    """Regression: the reader used to register its wake-up inside a task that
+    ``asyncio.wait_for`` starts on a later loop iteration; bytes delivered in between woke
+    nobody and a complete reply sat in the buffer until the timeout (seen as "incomplete reply
+    to 'QRA 60 8 3' within 30 s: got b'QRA 60 8 A\\r\\n'")."""
+    import time
+
+    from drivers.transports.serial import SerialSession, _LinkProtocol
+    from drivers.transports.wirelog import WireLog
+
+    proto = _LinkProtocol(WireLog("race"))
+    # Delivered by the loop before any task created inside _wait gets to run.
+    asyncio.get_running_loop().call_soon(proto.data_received, b"QRA 60 8 A\r\n")
+    t0 = time.monotonic()
+    assert await SerialSession._wait(proto, time.monotonic() + 2.0)
+    assert time.monotonic() - t0 < 0.5
+    assert bytes(proto.buf) == b"QRA 60 8 A\r\n"
