@@ -671,9 +671,12 @@ class CampaignService:
         if entry.status is not ExitStatus.SUCCESS and live.status is CampaignStatus.RUNNING:
             slots = [s["rack_slot"] for s in batch.params["samples"]
                      if s["sample_id"] in missing]
-            live.status = CampaignStatus.PAUSED
             lost = (f"samples {', '.join(missing)} are recorded interrupted. Their crucibles "
                     f"(from rack slots {', '.join(slots)})") if missing else "Its crucibles"
+            # The snapshot first, then the status: a reader (API, WebSocket) that sees the
+            # campaign paused also sees its interrupted samples.
+            await self._refresh(live)
+            live.status = CampaignStatus.PAUSED
             live.reason = (f"batch {batch.seq} ended {reason}; {lost} may still be in the "
                            f"furnace, on the balance, at the doser, the station or the gripper: "
                            f"clear the cell, then resume")
