@@ -115,7 +115,8 @@ def bootstrap_admin(tokens: TokenStore, data_dir: Path) -> Path | None:
         os.write(fd, (token + "\n").encode())
     finally:
         os.close(fd)
-    log.warning("bootstrap admin token created (shown once): %s  (also in %s, mode 0600; "
-                "create personal tokens with `labctl token create NAME --role ROLE`)",
-                token, path)
+    # The secret goes to the file only: a log line ends up in journald, readable by more people.
+    log.warning("bootstrap admin token %s created; the token is in %s (mode 0600): "
+                "LABD_TOKEN_FILE=%s labctl ...; create personal tokens with "
+                "`labctl token create NAME --role ROLE`", token.split(".", 1)[0], path, path)
     return path
