@@ -10,35 +10,20 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-import serial
 
 from hardware_sims.balance import BalanceConfig, BalanceSim
 from hardware_sims.base import SimContext
 from hardware_sims.faults import Fault, FaultKind
 from tests.support.procs import wait_for
+from tests.support.rawserial import RawPort
 
 WEIGHT = re.compile(rb"^S (?P<status>[SD]) (?P<field>[ \-0-9.]{10}) g\r\n$")
 
 
-class Port:
-    """A raw serial client: writes command lines, reads reply lines (CR LF kept)."""
-
-    def __init__(self, path: Path, timeout: float = 2.0) -> None:
-        self.ser = serial.Serial(str(path), timeout=timeout)
-
-    async def line(self) -> bytes:
-        return await asyncio.to_thread(self.ser.readline)
-
-    async def ask(self, command: bytes) -> bytes:
-        self.ser.write(command)
-        return await self.line()
-
-    def close(self) -> None:
-        self.ser.close()
+Port = RawPort
 
 
 Factory = Callable[..., Awaitable[tuple[BalanceSim, Port]]]

@@ -14,29 +14,22 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest
-import serial
 
 from hardware_sims.base import SimContext
 from hardware_sims.doser import DoserConfig, DoserSim, DosingHeadConfig
 from hardware_sims.faults import Fault, FaultKind
 from tests.conftest import make_context
 from tests.support.procs import wait_for
+from tests.support.rawserial import RawPort
 
 
-class Port:
-    """A raw serial client: writes command lines, reads reply lines (CR LF kept)."""
+class Port(RawPort):
+    """The raw client, plus the Quantos' XML replies. XON/XOFF stays off on the host here,
+    although the real Quantos wants it: the garble fault can turn a reply byte into XOFF (0x13),
+    which the host's tty would swallow and obey."""
 
     def __init__(self, path: Path, timeout: float = 3.0) -> None:
-        # The real Quantos wants XON/XOFF on the host; it is off here because the garble fault
-        # can turn a reply byte into XOFF (0x13), which the host's tty would swallow and obey.
-        self.ser = serial.Serial(str(path), timeout=timeout)
-
-    async def line(self) -> bytes:
-        return await asyncio.to_thread(self.ser.readline)
-
-    async def ask(self, command: bytes) -> bytes:
-        self.ser.write(command)
-        return await self.line()
+        super().__init__(path, timeout)
 
     async def xml(self, command: bytes) -> ElementTree.Element:
         prefix = command.strip()
@@ -46,9 +39,6 @@ class Port:
             assert line.endswith(b"\r\n") and line, body
             body.append(line)
         return ElementTree.fromstring(b"".join(body))
-
-    def close(self) -> None:
-        self.ser.close()
 
 
 Factory = Callable[..., Awaitable[tuple[DoserSim, Port]]]
