@@ -481,6 +481,9 @@ def wait_program_done(furnace: Any, program: FurnaceProgram, poll_s: float = 0.2
     client = furnace.client
 
     async def look() -> tuple[FurnaceStatus, RunMode]:
+        # The PV too, through the signal: each poll is a point of the recorded profile (see
+        # wait_cooled), so the profile is as dense as the wait, at any clock rate.
+        await furnace.temperature.get_value(cached=False)
         return await client.status(), await client.run_mode()
 
     while True:
@@ -500,11 +503,16 @@ def wait_program_done(furnace: Any, program: FurnaceProgram, poll_s: float = 0.2
 
 def wait_cooled(furnace: Any, below_c: float, poll_s: float = 0.2) -> Plan:
     """Wait, a checkpoint before each poll, until the PV is at or below ``below_c``; returns it.
-    Raises :class:`FurnaceAlarm` on a sensor break (the PV means nothing then)."""
+    Raises :class:`FurnaceAlarm` on a sensor break (the PV means nothing then).
+
+    The PV is read through the ``temperature`` signal, not the client, so that every reading
+    this wait decides on also reaches the signal's subscribers: while the heat treatment
+    monitors the PV, the recorded profile ends with the very reading at which the crucibles were
+    released (the monitor's own poll runs on its own period and could end a step earlier)."""
     client = furnace.client
 
     async def look() -> tuple[FurnaceStatus, float]:
-        return await client.status(), await client.temperature()
+        return await client.status(), await furnace.temperature.get_value(cached=False)
 
     while True:
         yield from bps.checkpoint()
