@@ -47,6 +47,20 @@ def jsonable(value: Any) -> Any:
 _META_KEYS = ("units", "precision", "limits", "dtype", "shape", "choices")
 
 
+def _signal_order(device: Any) -> Callable[[tuple[str, Any]], tuple[int, str]]:
+    """A stable order for a device's readings: its hinted fields first (the values that matter,
+    in the device's order), then the rest by name. ophyd-async merges a device's readings in no
+    fixed order, and a dashboard whose rows move around between refreshes is hard to read."""
+    hints = getattr(device, "hints", None)
+    fields = list(hints.get("fields", [])) if isinstance(hints, dict) else []
+
+    def key(item: tuple[str, Any]) -> tuple[int, str]:
+        name = item[0]
+        return (fields.index(name), "") if name in fields else (len(fields), name)
+
+    return key
+
+
 class DeviceReader:
     """Reads the cell's devices. ``devices`` returns ``{name: device}``; ``down`` returns
     ``{name: reason}`` for the devices known to be disconnected (not read)."""
@@ -88,7 +102,7 @@ class DeviceReader:
             key: {"value": jsonable(r.get("value")), "timestamp": r.get("timestamp"),
                   **meta.get(key, {}),
                   **({"alarm_severity": r["alarm_severity"]} if r.get("alarm_severity") else {})}
-            for key, r in reading.items()
+            for key, r in sorted(reading.items(), key=_signal_order(device))
         }
         return {"connected": True, "error": None, "values": values}
 

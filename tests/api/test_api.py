@@ -440,3 +440,28 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
                                           "Address already in use"):
             daemon.start()
         daemon.shutdown()
+
+
+async def test_device_values_come_in_a_stable_order_hinted_first() -> None:
+    """ophyd-async merges a device's readings in no fixed order; the API (and the dashboard's
+    rows) give the hinted fields first, then the rest by name, whatever the merge did."""
+    from ophyd_async.core import StandardReadable, StandardReadableFormat, soft_signal_rw
+
+    from labd.api.live import DeviceReader
+
+    class Stage(StandardReadable):
+        def __init__(self, name: str = "") -> None:
+            with self.add_children_as_readables():
+                self.zeta = soft_signal_rw(float, 1.0)
+                self.alpha = soft_signal_rw(float, 2.0)
+            with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
+                self.position = soft_signal_rw(float, 3.0, units="mm")
+            super().__init__(name=name)
+
+    stage = Stage(name="stage")
+    await stage.connect()
+    reader = DeviceReader(lambda: {"stage": stage}, dict)
+    for _ in range(3):
+        values = (await reader.read_one("stage", stage))["values"]
+        assert list(values) == ["stage-position", "stage-alpha", "stage-zeta"]
+        assert values["stage-position"]["units"] == "mm"
