@@ -3,8 +3,7 @@ its API served by uvicorn on a free port, and one token per role."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,9 @@ from labd.app import Daemon
 from labd.config import DaemonConfig
 from labd.engine import EngineState
 from protocols.registry import Registry, protocol
+from tests.support.procs import wait_until
+
+__all__ = ["Cell", "make_registry", "wait_until"]
 
 
 class CountParams(BaseModel):
@@ -45,16 +47,6 @@ def make_registry() -> Registry:
         raise RuntimeError(p.message)
 
     return reg
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

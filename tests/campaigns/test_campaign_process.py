@@ -16,12 +16,8 @@ stops the simulated cell; started again it is a cleared cell with a full rack), 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,22 +28,11 @@ import pytest
 import yaml
 
 from tests.conftest import OER_CSV
-from tests.support.procs import Mosquitto, free_port
+from tests.support.labd import LabdProcess, wait_until
+from tests.support.procs import Mosquitto
 
-LABD = Path(sys.executable).parent / "labd"
-LABCTL = Path(sys.executable).parent / "labctl"
 SPEC = Path(__file__).parents[2] / "config" / "campaigns" / "oer-demo.yaml"
 BUDGET = 40
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def sim_config() -> dict[str, Any]:
@@ -66,69 +51,24 @@ def sim_config() -> dict[str, Any]:
             "devices": {"station": {"measure_s": 20}}}
 
 
-class Labd:
-    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
-        self.data_dir = tmp / "data"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (tmp / "sim.yaml").write_text(yaml.safe_dump(sim_config()))
-        (tmp / "labd.yaml").write_text(yaml.safe_dump({"simulator": {
-            "config": str(tmp / "sim.yaml"), "time_scale": 2000, "ground_truth": str(OER_CSV),
-            "goal": "minimize"}}))
-        self.cmd = [str(LABD), "--config", str(tmp / "labd.yaml"), "--data-dir",
-                    str(self.data_dir), "--api-port", str(self.port), "--mqtt", broker.url]
-        self.log = tmp / "labd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http: httpx.Client | None = None
-
-    def start(self) -> httpx.Client:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log,
-                                         start_new_session=True)
-        token = self.data_dir / "admin.token"
-        wait_until(lambda: token.exists() or self.proc.poll() is not None, 60, "admin.token")
-        self.http = httpx.Client(base_url=self.url + "/api/v1", timeout=30, headers={
-            "Authorization": f"Bearer {token.read_text().strip()}"})
-
-        def answers() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-            try:
-                return self.http.get("/status").status_code == 200  # type: ignore[union-attr]
-            except httpx.TransportError:
-                return False
-
-        wait_until(answers, 60, "labd to answer")
-        return self.http
-
-    def labctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "LABD_URL": self.url,
-               "LABD_TOKEN_FILE": str(self.data_dir / "admin.token")}
-        return subprocess.run([str(LABCTL), *args], capture_output=True, text=True, env=env,
-                              timeout=60)
-
-    def endpoints(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.data_dir / "sim" / "endpoints.json").read_text())
-        return data
+def make_labd(tmp: Path, broker: Mosquitto) -> LabdProcess:
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(sim_config()))
+    (tmp / "labd.yaml").write_text(yaml.safe_dump({"simulator": {
+        "config": str(tmp / "sim.yaml"), "time_scale": 2000, "ground_truth": str(OER_CSV),
+        "goal": "minimize"}}))
+    return LabdProcess(tmp / "data", tmp / "labd.log",
+                       ["--config", str(tmp / "labd.yaml"), "--mqtt", broker.url],
+                       http_timeout=30)
 
 
 @pytest.fixture
-def labd(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Labd]:
-    daemon = Labd(tmp_path, mosquitto)
+def labd(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[LabdProcess]:
+    daemon = make_labd(tmp_path, mosquitto)
     yield daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
-    pidfile = next(daemon.data_dir.glob("**/labd-sim.pid"), None)
-    if pidfile is not None:  # the simulated cell outlives a killed daemon by design
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+    daemon.cleanup()
 
 
-def start_campaign(labd: Labd) -> str:
+def start_campaign(labd: LabdProcess) -> str:
     r = labd.labctl("--json", "campaign", "start", str(SPEC))
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
@@ -149,7 +89,8 @@ def truth_of(composition: dict[str, float]) -> float:
     raise AssertionError(f"{composition} is not in the OER table")
 
 
-def check_finished(labd: Labd, c: httpx.Client, cid: str, interrupted: int) -> dict[str, Any]:
+def check_finished(labd: LabdProcess, c: httpx.Client, cid: str,
+                   interrupted: int) -> dict[str, Any]:
     st = c.get(f"/campaigns/{cid}").json()
     assert st["status"] == "finished", st
     assert st["reason"].startswith("sample budget spent"), st["reason"]
@@ -184,7 +125,7 @@ def csv_rows(text: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.timeout(300)  # ~95 s on 2 cores; runs in the default suite
-def test_full_campaign_of_40_samples(labd: Labd) -> None:
+def test_full_campaign_of_40_samples(labd: LabdProcess) -> None:
     c = labd.start()
     t0 = time.monotonic()
     cid = start_campaign(labd)
@@ -198,7 +139,7 @@ def test_full_campaign_of_40_samples(labd: Labd) -> None:
 
 
 @pytest.mark.timeout(360)  # ~150 s on 2 cores; runs in the default suite
-def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
+def test_sigkill_in_the_middle_then_restart(labd: LabdProcess) -> None:
     c = labd.start()
     t0 = time.monotonic()
     cid = start_campaign(labd)
@@ -215,9 +156,7 @@ def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
 
     wait_until(mid_batch, 180, "a batch in progress after 16 samples")
     before = c.get(f"/campaigns/{cid}").json()
-    assert labd.proc is not None
-    labd.proc.send_signal(signal.SIGKILL)
-    assert labd.proc.wait(10) == -signal.SIGKILL
+    assert labd.signal(signal.SIGKILL, 10) == -signal.SIGKILL
     c.close()
 
     c = labd.start()
@@ -230,9 +169,7 @@ def test_sigkill_in_the_middle_then_restart(labd: Labd) -> None:
     interrupted_ids = set(hist[0]["params"] and [s["sample_id"] for s in
                                                  hist[0]["params"]["samples"]])
     # the operator: stop labd (SIGTERM), clear the cell by hand, start labd, resume
-    assert labd.proc is not None
-    labd.proc.send_signal(signal.SIGTERM)
-    assert labd.proc.wait(60) == 0
+    assert labd.signal(signal.SIGTERM) == 0
     c.close()
     # A clean stop stops the simulated cell too; started again, it is a cleared cell with a
     # full rack (the operator's part). The campaign still skips the rack slots it used.

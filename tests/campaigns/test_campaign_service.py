@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,23 +38,13 @@ from labd.api.server import ApiService
 from labd.app import Daemon
 from labd.config import DaemonConfig
 from tests.conftest import OER_CSV
-from tests.support.procs import Mosquitto
+from tests.support.procs import Mosquitto, wait_until
 
 LABCTL = Path(sys.executable).parent / "labctl"
 ELEMENTS = ["Ni", "Fe", "Co", "Mn", "Ce", "La"]
 #: Fixed make_batch parameters: a short anneal the simulated furnace does in ~2 wall seconds.
 PARAMS = {"anneal_c": 400, "anneal_s": 60, "ramp_c_min": 600, "unload_below_c": 380}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Events:

@@ -12,11 +12,9 @@ mosquitto and a private PostgreSQL cluster (tests/support/postgres.py).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
@@ -37,8 +35,9 @@ from labd.api.server import ApiService
 from labd.app import Daemon
 from labd.config import DaemonConfig
 from tests.api.conftest import make_registry, wait_until
+from tests.support.labd import LabdProcess
 from tests.support.postgres import PASSWORD, PASSWORD_USER, PostgresServer
-from tests.support.procs import Mosquitto, free_port
+from tests.support.procs import Mosquitto
 
 BIN = Path(sys.executable).parent
 CELL = "hubcell"
@@ -90,54 +89,22 @@ def pg_query(conninfo: str, sql: str) -> list[tuple[Any, ...]]:
         return list(conn.execute(sql))  # type: ignore[arg-type]
 
 
-class Labd:
-    """The real ``labd`` process with a config file, and ``labctl`` against it."""
-
-    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
-        self.data_dir = tmp / "data"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = tmp / "labd.yaml"
-        self.config.write_text(yaml.safe_dump({**config, "data_dir": str(self.data_dir),
-                                               "api": {"port": self.port}}))
-        self.log = tmp / "labd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> httpx.Client:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "labd"), "--config", str(self.config)],
-                                         stdout=log, stderr=log, start_new_session=True)
-        token = self.data_dir / "admin.token"
-        wait_until(lambda: token.exists() or self.proc.poll() is not None, 60, "admin.token")
-        client = httpx.Client(base_url=self.url + "/api/v1", timeout=15, headers={
-            "Authorization": f"Bearer {token.read_text().strip()}"})
-
-        def answers() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-            try:
-                return client.get("/status").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(answers, 60, "labd to answer")
-        return client
-
-    def labctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "labctl"), "--url", self.url, "--token-file",
-             str(self.data_dir / "admin.token"), *args],
-            capture_output=True, text=True, timeout=30)
+def make_labd(tmp: Path, config: dict[str, Any]) -> LabdProcess:
+    """The real ``labd`` process with a config file (``labctl`` against it: ``.labctl``)."""
+    path = tmp / "labd.yaml"
+    path.write_text(yaml.safe_dump({**config, "data_dir": str(tmp / "data")}))
+    return LabdProcess(tmp / "data", tmp / "labd.log", ["--config", str(path)])
 
 
 @pytest.fixture
 def hub_labd(tmp_path: Path, mosquitto: Mosquitto, postgres: PostgresServer,
-             pg_conninfo: str) -> Iterator[tuple[Labd, str]]:
+             pg_conninfo: str) -> Iterator[tuple[LabdProcess, str]]:
     pwfile = tmp_path / "pg.password"
     pwfile.write_text(PASSWORD + "\n")
     sim = tmp_path / "sim.yaml"
     sim.write_text(yaml.safe_dump({"world": {"crucibles": 4},
                                    "devices": {"station": {"measure_s": 60}}}))
-    daemon = Labd(tmp_path, {
+    daemon = make_labd(tmp_path, {
         "cell": CELL,
         "simulator": {"config": str(sim), "mqtt": mosquitto.url, "time_scale": 600},
         "hub": {"mqtt": {"enabled": True, "host": mosquitto.host, "port": mosquitto.port},
@@ -146,16 +113,7 @@ def hub_labd(tmp_path: Path, mosquitto: Mosquitto, postgres: PostgresServer,
                                                              f"user={PASSWORD_USER}")}},
     })
     yield daemon, pg_conninfo
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-    pidfile = next(daemon.data_dir.glob("**/labd-sim.pid"), None)
-    if pidfile is not None:
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+    daemon.cleanup()
 
 
 def make_sample(c: httpx.Client, sid: str, comp: dict[str, float], slot: int) -> str:
@@ -176,7 +134,7 @@ def hub_forwarders(c: httpx.Client) -> dict[str, dict[str, Any]]:
     return {f["name"]: f for f in c.get("/hub").json()["forwarders"]}
 
 
-def test_hub_in_the_daemon_process(hub_labd: tuple[Labd, str], mosquitto: Mosquitto,
+def test_hub_in_the_daemon_process(hub_labd: tuple[LabdProcess, str], mosquitto: Mosquitto,
                                    postgres: PostgresServer, tmp_path: Path) -> None:
     labd, conninfo = hub_labd
     mqtt = MqttCollector(mosquitto)
@@ -215,9 +173,7 @@ def test_hub_in_the_daemon_process(hub_labd: tuple[Labd, str], mosquitto: Mosqui
         wait_until(lambda: hub_forwarders(c)["postgres"]["cursor"] > 0
                    and (c.get("/status").json()["current"] or {}).get("progress", {})
                    .get("events", 0) > 5, 30, "the third run to be forwarding")
-        assert labd.proc is not None
-        labd.proc.send_signal(signal.SIGKILL)
-        labd.proc.wait(10)
+        assert labd.signal(signal.SIGKILL, 10) == -signal.SIGKILL
         c = labd.start()
         uids = journal_uids(labd.data_dir)
 

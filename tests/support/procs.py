@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -75,6 +76,20 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
+               interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that (a thread's wait on
+    state, not a fixed sleep); AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 async def wait_for(

@@ -8,11 +8,8 @@ a viewer cannot start a campaign. Each test leaves a screenshot in its tmp dir."
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
 import re
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from playwright.sync_api import expect
 
 from tests.support.procs import Mosquitto
 
-from .conftest import Labd, wait_until
+from .conftest import Labd, wait_until, with_users
 
 ELEMENTS = ["Ni", "Fe", "Co"]
 RUN = {"params": {"anneal_c": 400, "anneal_s": 60, "ramp_c_min": 600, "unload_below_c": 380}}
@@ -87,19 +84,9 @@ def cell(tmp_path_factory: pytest.TempPathFactory,
     daemon = Labd(tmp / "data", mosquitto, tmp / "labd.log", time_scale=2000, args=[
         "--config", str(tmp / "labd.yaml"), "--ground-truth", str(pool), "--goal", "minimize"])
     try:
-        daemon.start()
-        for name, role in (("tess", "technician"), ("vic", "viewer")):
-            daemon.tokens[name] = daemon.api("admin", "POST", "/tokens",
-                                             json={"name": name, "role": role})["token"]
-        yield daemon, pool
+        yield with_users(daemon), pool
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGTERM)
-            daemon.proc.wait(60)
-        pidfile = next(daemon.data_dir.glob("**/labd-sim.pid"), None)  # it outlives a kill
-        if pidfile is not None:
-            with contextlib.suppress(ValueError, ProcessLookupError):
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+        daemon.cleanup()
 
 
 def sign_in(page: Any, labd: Labd, who: str, hash_: str) -> None:
