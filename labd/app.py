@@ -99,6 +99,7 @@ class Daemon:
             } if cell else {},
             "services": [s.name for s in self.services],
             "hub": self.hub.status() if self.hub is not None else None,
+            "interlocks": next((s.status() for s in self.services if s.name == "safety"), []),
         }
 
     # -- start-up ----------------------------------------------------------------------------------

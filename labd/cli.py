@@ -189,8 +189,34 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     for name, d in st["devices"].items():
         if d["error"]:
             lines.append(f"  {name}: {d['error']}")
+    for il in st.get("interlocks", []):
+        if il["active"]:
+            lines.append(f"INTERLOCK {il['name']} tripped ({il['action']}): {il['reason']}")
+        elif il.get("latched"):
+            lines.append(f"INTERLOCK {il['name']} latched since {when(il['tripped_at'])} "
+                         f"({il['reason']}): nothing starts until it is acknowledged "
+                         f"(labctl interlocks ack {il['name']})")
     lines += hub_lines(st.get("hub"))
     out(args, st, "\n".join(lines))
+    return EXIT_OK
+
+
+def interlock_state(il: dict[str, Any]) -> str:
+    return "TRIPPED" if il["active"] else "LATCHED" if il.get("latched") else "ok"
+
+
+def cmd_interlocks(c: Client, args: argparse.Namespace) -> int:
+    if args.op == "ack":
+        il = c.post(f"/interlocks/{args.name}/acknowledge")
+        out(args, il, f"interlock {il['name']} acknowledged: new items may start "
+                      "(start the queue again if it stopped)")
+        return EXIT_OK
+    ils = c.get("/interlocks")
+    rows = [[il["name"], il["action"], interlock_state(il), il["trips"],
+             il["when"] or f"device down: {', '.join(il['device_down'] or [])}",
+             il["reason"] if il["active"] or il.get("latched") else ""] for il in ils]
+    out(args, ils, table(rows, ["INTERLOCK", "ACTION", "STATE", "TRIPS", "CONDITION", "REASON"])
+        if rows else "no interlocks (disabled by configuration)")
     return EXIT_OK
 
 
@@ -597,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("devices", help="devices and their live values")
     sub.add_parser("protocols", help="protocols and their parameters")
     sub.add_parser("whoami", help="the token's user and role")
+    il = sub.add_parser("interlocks", help="interlocks and their state; ack NAME releases a "
+                                           "latched one")
+    il_ops = il.add_subparsers(dest="op")
+    il_ops.add_parser("list")
+    il_ops.add_parser("ack", help="acknowledge a latched interlock once the cell is "
+                                  "checked").add_argument("name")
 
     q = sub.add_parser("queue", help="queue operations").add_subparsers(dest="op", required=True)
     q.add_parser("list")
@@ -679,7 +711,7 @@ COMMANDS = {
     "whoami": cmd_whoami, "queue": cmd_queue, "run": cmd_run, "pause": cmd_control,
     "resume": cmd_control, "stop": cmd_control, "abort": cmd_control, "halt": cmd_control,
     "history": cmd_history, "follow": cmd_follow, "token": cmd_token, "runs": cmd_runs,
-    "samples": cmd_samples, "export": cmd_export,
+    "samples": cmd_samples, "export": cmd_export, "interlocks": cmd_interlocks,
 }
 
 

@@ -33,13 +33,23 @@ Actions:
   (:meth:`drivers.cell.CellDevices.safe_state`), whether or not anything runs; while the condition
   holds, no new item starts (an ``engine.start_guards`` entry refuses it).
 
+Latching (``latch``, default true for ``abort``): a hard interlock that tripped stays *latched*
+after its condition clears, and nothing starts until a technician acknowledges it
+(:meth:`SafetyService.acknowledge`: ``POST /api/v1/interlocks/{name}/acknowledge``, ``labctl
+interlocks ack NAME``, the dashboard's button). Why: the cell was aborted into its safe state with
+a crucible wherever it was; a released e-stop or a furnace alarm that reset itself is no proof
+that the cell is fit to go on, and an unattended queue must not restart on its own. The
+acknowledgement is refused while the condition still holds. The latch is durable: it is rebuilt
+from ``interlock_events`` at start-up, so a restart (or a SIGKILL) does not clear it.
+
 ``during_run: true`` (the default for ``device_down``) arms an interlock only while a run is in
 progress; its start guard still refuses a new item while the condition holds.
 
 Every trip and clear is logged (with ``fields`` for ``--log-json``), recorded in the table
 ``interlock_events`` of the daemon's SQLite file, and pushed on the engine's event bus as
-``{"type": "interlock", "name", "action", "event": "tripped"|"cleared", "reason", ...}``; what
-an abort did follows as ``event: "handled"`` (aborted item, safe-state result per device).
+``{"type": "interlock", "name", "action", "event": "tripped"|"cleared", "reason", "latched",
+...}``; what an abort did follows as ``event: "handled"`` (aborted item, safe-state result per
+device), and an acknowledgement as ``event: "acknowledged"`` (who, from where).
 """
 
 from __future__ import annotations
@@ -106,6 +116,11 @@ _TOKEN = re.compile(
 
 Tri = bool | None  # three-valued: True, False, None (unknown)
 Lookup = Callable[[str], float | bool | None]
+
+
+class InterlockError(RuntimeError):
+    """An interlock operation that cannot be done now (e.g. acknowledging one whose condition
+    still holds)."""
 
 
 class ConditionError(ValueError):
@@ -261,6 +276,8 @@ class InterlockConfig(BaseModel):
     on_unknown: Literal["trip", "hold"] = "trip"
     #: Armed only while a run is in progress (default: true for device_down, false otherwise).
     during_run: bool | None = None
+    #: Stay latched after the condition clears, until acknowledged (default: true for abort).
+    latch: bool | None = None
     description: str = ""
 
     @field_validator("device_down", mode="before")
@@ -287,6 +304,11 @@ class InterlockConfig(BaseModel):
                                  f"(watchable: {', '.join(DOWN_WATCHABLE)})")
         if self.during_run is None:
             self.during_run = self.device_down is not None
+        if self.latch is None:
+            self.latch = self.action == "abort"
+        elif self.latch and self.action == "suspend":
+            raise ValueError(f"interlock {self.name}: latch is for abort interlocks (a suspended "
+                             "run resumes by itself when the condition clears)")
         return self
 
     def condition(self) -> Node | None:
@@ -373,13 +395,29 @@ class EventLog:
         self._db.executescript(EVENTS_SCHEMA)
 
     def add(self, name: str, action: str, event: str, reason: str,
-            detail: dict[str, Any]) -> None:
+            detail: dict[str, Any], at: float | None = None) -> None:
+        """Record an event; ``at`` is when it happened (the write may come a little later)."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO interlock_events (time, name, action, event, reason, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), name, action, event, reason, json.dumps(detail, default=str)),
+                (time.time() if at is None else at, name, action, event, reason,
+                 json.dumps(detail, default=str)),
             )
+
+    def latched(self) -> dict[str, tuple[str, float]]:
+        """Interlocks whose last trip was not acknowledged: name -> (reason, time of the trip)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, event, reason, time FROM interlock_events "
+                "WHERE event IN ('tripped', 'acknowledged') ORDER BY time, id").fetchall()
+        out: dict[str, tuple[str, float]] = {}
+        for name, event, reason, at in rows:
+            if event == "tripped":
+                out[name] = (reason, at)
+            else:
+                out.pop(name, None)
+        return out
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
@@ -451,6 +489,9 @@ class Interlock:
     reason: str = ""
     trips: int = 0
     since: float | None = None
+    #: Tripped (``latch``) and not acknowledged yet; ``reason`` and ``tripped_at`` are the trip's.
+    latched: bool = False
+    tripped_at: float | None = None
     signal: FlagSignal | None = None
     suspender: InterlockSuspender | None = None
     handling: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -468,6 +509,7 @@ class Interlock:
         return {"name": c.name, "action": c.action, "when": c.when,
                 "device_down": c.device_down, "active": self.active, "reason": self.reason,
                 "since": self.since, "trips": self.trips, "during_run": c.during_run,
+                "latch": c.latch, "latched": self.latched, "tripped_at": self.tripped_at,
                 "description": c.description}
 
 
@@ -527,9 +569,15 @@ class SafetyService:
                                      "which this cell does not have")
         self.event_log = await asyncio.to_thread(EventLog, self.db_path)
         counts = await asyncio.to_thread(self.event_log.trip_counts)
+        latched = await asyncio.to_thread(self.event_log.latched)
         self._wake = asyncio.Event()
         for r in rules:
             il = Interlock(r, r.condition(), trips=counts.get(r.name, 0))
+            if r.latch and r.name in latched:
+                il.latched = True
+                il.reason, il.tripped_at = latched[r.name]
+                log.warning("interlock %s is still latched from %s (%s): nothing starts until "
+                            "it is acknowledged", r.name, time.ctime(il.tripped_at), il.reason)
             if r.action == "suspend":
                 il.signal = FlagSignal(f"interlock:{r.name}")
                 il.suspender = InterlockSuspender(il.signal, il, r.resume_after_s)
@@ -574,12 +622,46 @@ class SafetyService:
         return [il for il in self.interlocks.values() if il.active]
 
     def _start_guard(self, protocol: str) -> str | None:
-        held = [il for il in self.interlocks.values() if il.hard and (il.active or il.condition)]
-        if not held:
-            return None
-        return "; ".join(
-            f"interlock {il.name} is active: {il.reason if il.active else self._explain(il, True)}"
-            for il in held)
+        reasons = []
+        for il in self.interlocks.values():
+            if not il.hard:
+                continue
+            if il.active or il.condition:
+                reasons.append(f"interlock {il.name} is active: "
+                               f"{il.reason if il.active else self._explain(il, True)}")
+            elif il.latched:
+                reasons.append(f"interlock {il.name} tripped ({il.reason}) and is latched: "
+                               f"check the cell, then acknowledge it (labctl interlocks ack "
+                               f"{il.name})")
+        return "; ".join(reasons) or None
+
+    async def acknowledge(self, name: str, user: str, source: str = "") -> dict[str, Any]:
+        """Release the latch of interlock ``name`` (a technician has checked the cell); returns
+        its state. Raises KeyError for an unknown interlock, :class:`InterlockError` if it is
+        not latched or its condition still holds. Durable before it returns. On the loop."""
+        il = self.interlocks.get(name)
+        if il is None:
+            raise KeyError(f"no interlock named {name!r} (known: {', '.join(self.interlocks)})")
+        if not il.latched:
+            raise InterlockError(f"interlock {name} is not latched: nothing to acknowledge")
+        self.evaluate("acknowledge")
+        if il.active or il.condition:
+            raise InterlockError(f"interlock {name} cannot be acknowledged: its condition still "
+                                 f"holds ({il.reason if il.active else self._explain(il, True)})")
+        at = time.time()
+        il.latched = False
+        fields = {"interlock": name, "action": il.config.action, "event": "acknowledged",
+                  "reason": il.reason, "user": user, "source": source}
+        log.warning("interlock %s acknowledged by %s (%s)", name, user, source,
+                    extra={"fields": fields})
+        if self.event_log is not None:
+            await asyncio.to_thread(self.event_log.add, name, il.config.action, "acknowledged",
+                                    il.reason, {"user": user, "source": source}, at)
+        self.engine.events.publish("interlock", name=name, action=il.config.action,
+                                   event="acknowledged", reason=il.reason, latched=il.latched,
+                                   user=user, source=source)
+        await asyncio.to_thread(self.engine.notify_queue_changed)
+        return il.to_dict()
 
     # -- inputs ----------------------------------------------------------------------------------
     def _on_safety_event(self, _event: Any) -> None:
@@ -711,16 +793,18 @@ class SafetyService:
         log.log(level, "interlock %s %s (%s): %s", il.name, event, cfg.action, reason,
                 extra={"fields": fields})
         self.engine.events.publish("interlock", name=il.name, action=cfg.action, event=event,
-                                   reason=reason, **detail)
+                                   reason=reason, latched=il.latched, **detail)
         if self.event_log is not None:
             elog = self.event_log
             task = asyncio.get_running_loop().run_in_executor(
-                None, elog.add, il.name, cfg.action, event, reason, detail)
+                None, elog.add, il.name, cfg.action, event, reason, detail, time.time())
             task.add_done_callback(_log_failure)
 
     def _trip(self, il: Interlock, reason: str, trigger: str) -> None:
         il.active, il.reason, il.since = True, reason, time.time()
         il.trips += 1
+        if il.hard and il.config.latch:
+            il.latched, il.tripped_at = True, il.since
         item = self.engine.current.entry.item_uid if self.engine.current else None
         self._record(il, "tripped", reason, trigger=trigger, item_uid=item,
                      engine=str(self.engine.state))

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,10 +35,16 @@ from labd.config import ConfigError
 from labd.config import validate_config as validate_daemon_config
 from labd.engine import Engine
 from labd.main import JsonFormatter
-from labd.safety import InterlockConfig, InterlocksConfig, SafetyService, default_rules
+from labd.safety import (
+    InterlockConfig,
+    InterlockError,
+    InterlocksConfig,
+    SafetyService,
+    default_rules,
+)
 from labd.store import ExitStatus, QueueItem, Store, StoreError
 from protocols.registry import Registry, protocol
-from tests.support.procs import Mosquitto
+from tests.support.procs import Mosquitto, wait_until
 
 T = TypeVar("T")
 TIME_SCALE = 100.0
@@ -115,15 +121,7 @@ class Bench:
         return [e for e in self.events if e["type"] == "interlock" and e["name"] == name]
 
 
-def until(pred: Callable[[], object], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or pred}")
-        time.sleep(0.02)
+until = wait_until  # the name these tests read best with
 
 
 @pytest.fixture
@@ -283,13 +281,62 @@ def test_estop_aborts_the_run_makes_the_cell_safe_and_blocks_new_items(bench: Be
     blocked = until(lambda: [e for e in bench.events if e["type"] == "queue_blocked"])[0]
     assert blocked["item_uid"] == second and "interlock e-stop is active" in blocked["reason"]
     assert [q.item_uid for q in bench.store.queue()] == [second]
-    # ... and accepted once it is released.
+    # ... it cannot be acknowledged while pressed ...
+    with pytest.raises(InterlockError, match="its condition still holds"):
+        bench.call(bench.service.acknowledge("e-stop", "tech1", "test"))
+    # ... and released, it stays latched: still refused, until a technician acknowledges it.
     bench.action("safety", "release_estop")
     until(lambda: not bench.service.active(), what="the e-stop to clear")
+    (il,) = [i for i in bench.service.status() if i["name"] == "e-stop"]
+    assert il["latched"] and not il["active"] and il["reason"].startswith("safety.estop")
+    cleared = until(lambda: [e for e in bench.interlock_events("e-stop")
+                             if e["event"] == "cleared"], what="the clear event")
+    assert cleared[0]["latched"] is True
+    bench.engine.start_queue()
+    refused = until(lambda: [e for e in bench.events if e["type"] == "queue_blocked"][1:])[0]
+    assert "interlock e-stop tripped (safety.estop" in refused["reason"]
+    assert "is latched" in refused["reason"] and "labctl interlocks ack e-stop" in refused["reason"]
+    assert [q.item_uid for q in bench.store.queue()] == [second]
+    ack = bench.call(bench.service.acknowledge("e-stop", "tech1", "labctl@127.0.0.1"))
+    assert ack["latched"] is False
+    acked = until(lambda: [e for e in bench.interlock_events("e-stop")
+                           if e["event"] == "acknowledged"])[0]
+    assert acked["user"] == "tech1" and acked["source"] == "labctl@127.0.0.1"
+    with pytest.raises(InterlockError, match="not latched"):
+        bench.call(bench.service.acknowledge("e-stop", "tech1", "test"))
+    with pytest.raises(KeyError, match="no interlock named 'nope'"):
+        bench.call(bench.service.acknowledge("nope", "tech1", "test"))
     bench.engine.start_queue()
     assert until(lambda: _finished(bench, second), 10).status is ExitStatus.SUCCESS
     assert [(n, e) for n, e, _ in _recorded(bench.db)] == [
-        ("e-stop", "tripped"), ("e-stop", "handled"), ("e-stop", "cleared")]
+        ("e-stop", "tripped"), ("e-stop", "handled"), ("e-stop", "cleared"),
+        ("e-stop", "acknowledged")]
+
+
+def test_a_latched_interlock_survives_a_restart_of_the_daemon(bench: Bench) -> None:
+    """The latch is rebuilt from the durable event log: a restart (a SIGKILL, a reboot) does not
+    clear it. A restart is a new safety service on the same SQLite file."""
+    bench.action("safety", "press_estop")
+    until(lambda: [e for e in bench.interlock_events("e-stop") if e["event"] == "handled"],
+          what="the trip")
+    bench.action("safety", "release_estop")
+    until(lambda: not bench.service.active(), what="the e-stop to clear")
+    bench.call(bench.service.stop())
+    again = SafetyService(bench.engine, bench.cell, bench.service.config, bench.db)
+    bench.call(again.start())
+    bench.service = again  # the fixture stops this one
+    (il,) = [i for i in again.status() if i["name"] == "e-stop"]
+    assert il["latched"] and not il["active"] and "safety.estop" in il["reason"]
+    assert il["trips"] == 1
+    refusal = again._start_guard("soak")
+    assert refusal is not None and "interlock e-stop tripped" in refusal
+    bench.call(again.acknowledge("e-stop", "tech1", "test"))
+    assert again._start_guard("soak") is None
+    bench.call(again.stop())
+    third = SafetyService(bench.engine, bench.cell, bench.service.config, bench.db)
+    bench.call(third.start())
+    bench.service = third
+    assert not any(i["latched"] for i in third.status())  # the acknowledgement is durable too
 
 
 def test_furnace_over_temperature_alarm_aborts_and_makes_safe(bench: Bench) -> None:
@@ -370,6 +417,11 @@ def test_interlock_config_errors_name_the_problem() -> None:
     assert "device_down cannot watch ['balance']" in str(e.value)
     with pytest.raises(ValidationError, match="exactly one of 'when' or 'device_down'"):
         InterlockConfig(name="x", action="abort")
+    with pytest.raises(ValidationError, match="latch is for abort interlocks"):
+        InterlockConfig(name="x", when="safety.o2_ppm > 10", action="suspend", latch=True)
+    assert InterlockConfig(name="x", when="safety.estop", action="abort").latch is True
+    unlatched = InterlockConfig(name="x", when="safety.estop", action="abort", latch=False)
+    assert unlatched.latch is False
     with pytest.raises(ConfigError, match="action"):
         validate_daemon_config({"interlocks": {"rules": [
             {"name": "x", "when": "safety.estop", "action": "explode"}]}})

@@ -1,12 +1,14 @@
 """The dashboard in headless Chromium against the real daemon on the simulated cell: sign in,
 start protocols from their generated forms (and see the server's refusal next to the field), watch
 a run finish, pause and resume a long one, a viewer's disabled controls and a technician's refused
-edit, the interlock banner after an e-stop pressed in the simulator, and the page reconnecting by
-itself after the daemon restarts. Each test leaves a screenshot in its tmp dir."""
+edit, the interlock banner after an e-stop pressed in the simulator and its latch acknowledged,
+and the page reconnecting by itself after the daemon restarts. Each test leaves a screenshot in
+its tmp dir."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,9 @@ def test_viewer_sees_controls_disabled_and_a_refusal_is_shown(page: Any, labd: L
 
 def test_interlock_banner_after_estop_in_the_simulator(page: Any, labd: Labd,
                                                       tmp_path: Path) -> None:
+    """The e-stop trips (banner, TRIPPED), then latches when released: nothing starts until a
+    technician acknowledges it from the banner. The API refuses a viewer (403) and an
+    acknowledgement while the e-stop is still pressed (409); labctl shows and acknowledges it."""
     sign_in(page, labd, "tess")
     estop = page.locator("[data-interlock=e-stop]")
     expect(estop).to_contain_text("ok")
@@ -138,10 +143,36 @@ def test_interlock_banner_after_estop_in_the_simulator(page: Any, labd: Labd,
         expect(banner).to_contain_text("safety.estop")  # why: the condition and its value
         expect(estop).to_contain_text("TRIPPED")
         page.screenshot(path=str(tmp_path / "estop.png"), full_page=True)
+        with labd.user("tess") as c:
+            r = c.post("/interlocks/e-stop/acknowledge")
+            assert r.status_code == 409 and "its condition still holds" in r.json()["detail"]
     finally:
         control.call(op="action", device="safety", action="release_estop")
-    expect(page.locator("#banners .banner")).to_have_count(0, timeout=15_000)
-    expect(estop).to_contain_text("ok")
+    try:
+        latched = page.locator("#banners .banner.bad")
+        expect(latched).to_contain_text("Interlock e-stop is latched", timeout=15_000)
+        expect(estop).to_contain_text("LATCHED")
+        with labd.user("vic") as c:
+            assert c.post("/interlocks/e-stop/acknowledge").status_code == 403
+        status = labctl(labd, "tess", "status")
+        assert "INTERLOCK e-stop latched" in status.stdout, status
+        listed = labctl(labd, "tess", "interlocks")
+        assert re.search(r"e-stop\s+abort\s+LATCHED", listed.stdout), listed.stdout
+        page.screenshot(path=str(tmp_path / "latched.png"), full_page=True)
+        page.get_by_role("button", name="Acknowledge interlock e-stop").click()
+        expect(page.locator("#banners .banner")).to_have_count(0, timeout=15_000)
+        expect(estop).to_contain_text("ok")
+        again = labctl(labd, "tess", "interlocks", "ack", "e-stop")
+        assert again.returncode == 1 and "is not latched" in again.stderr, again
+    finally:  # the module's daemon goes on serving the next tests
+        if any(i["latched"] for i in labd.api("admin", "GET", "/interlocks")):
+            labd.api("admin", "POST", "/interlocks/e-stop/acknowledge")
+    events = labd.api("admin", "GET", "/interlocks")
+    assert not any(i["latched"] or i["active"] for i in events)
+
+
+def labctl(labd: Labd, who: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return labd.labctl(*args, token=labd.tokens[who])
 
 
 def test_page_reconnects_after_the_daemon_restarts(page: Any, labd: Labd) -> None:

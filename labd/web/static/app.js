@@ -243,9 +243,15 @@ function onEvent(ev) {
       return;
     case "interlock": {
       const il = S.interlocks[ev.name] ?? { name: ev.name, action: ev.action };
-      if (ev.event === "tripped") Object.assign(il, { active: true, reason: ev.reason, since: ev.time });
-      else if (ev.event === "cleared") Object.assign(il, { active: false, since: null });
+      if (ev.event === "tripped") {
+        Object.assign(il, { active: true, reason: ev.reason, since: ev.time, latched: ev.latched });
+        if (ev.latched) il.tripped_at = ev.time;
+      } else if (ev.event === "cleared") Object.assign(il, { active: false, since: null, latched: ev.latched });
       else if (ev.event === "handled") il.handled = ev;
+      else if (ev.event === "acknowledged") {
+        il.latched = false;
+        notify(`Interlock ${ev.name} acknowledged by ${ev.user}.`);
+      }
       S.interlocks[ev.name] = il;
       renderInterlocks();
       break;
@@ -295,11 +301,17 @@ function renderBanners() {
       + "What you see may be out of date."]);
   }
   for (const il of Object.values(S.interlocks)) {
+    if (!il.active && il.latched) {
+      out.push(["bad", `Interlock ${il.name} is latched`,
+        `It tripped (${il.reason || il.description || ""}) and has cleared. Nothing starts until a `
+        + "technician has checked the cell and acknowledges it.", ackButton(il)]);
+      continue;
+    }
     if (!il.active) continue;
     if (il.action === "abort") {
       out.push(["bad", `Safe state: interlock ${il.name}`,
         `${il.reason || il.description || ""}. Any run is aborted and every device is brought `
-        + "to its safe state; nothing starts until this clears."]);
+        + `to its safe state; nothing starts until this clears${il.latch ? " and is acknowledged" : ""}.`]);
     } else {
       out.push(["warn", `Run suspended: interlock ${il.name}`,
         `${il.reason || il.description || ""}. The run resumes by itself once this clears.`]);
@@ -311,8 +323,21 @@ function renderBanners() {
     out.push(["warn", `Paused${by}`, "The run waits. Resume, stop or abort it below."]);
   }
   if (S.blocked && S.queue.running) out.push(["bad", "The queue is held", S.blocked]);
-  $("#banners").replaceChildren(...out.map(([kind, title, text]) =>
-    h("div", { class: `banner ${kind}`, role: "alert" }, h("strong", { text: title }), text)));
+  $("#banners").replaceChildren(...out.map(([kind, title, text, extra]) =>
+    h("div", { class: `banner ${kind}`, role: "alert" }, h("strong", { text: title }), text,
+      extra ?? null)));
+  applyRoles($("#banners"));
+}
+
+// The acknowledge button of a latched interlock (technician and above).
+function ackButton(il) {
+  return h("button", { type: "button", class: "small", "data-role": "technician",
+    "data-ack": il.name, "aria-label": `Acknowledge interlock ${il.name}`, text: "Acknowledge",
+    onclick: () => act(`Acknowledge ${il.name}`, async () => {
+      Object.assign(il, await api("POST", `/interlocks/${encodeURIComponent(il.name)}/acknowledge`));
+      renderInterlocks();
+      renderBanners();
+    }) });
 }
 
 function renderRun() {
@@ -378,9 +403,10 @@ function renderDevices() {
 function renderInterlocks() {
   const list = Object.values(S.interlocks);
   $("#interlocks").replaceChildren(...(list.length ? list.map((il) => h("li", { "data-interlock": il.name },
-    h("span", { class: `badge ${il.active ? "bad" : "ok"}`, text: il.active ? "TRIPPED" : "ok" }),
+    h("span", { class: `badge ${il.active || il.latched ? "bad" : "ok"}`,
+      text: il.active ? "TRIPPED" : il.latched ? "LATCHED" : "ok" }),
     ` ${il.name} `, h("span", { class: "muted", text: `(${il.action}) ${il.when ?? (il.device_down ? `device down: ${il.device_down.join(", ")}` : "")}` }),
-    il.active ? h("div", { class: "error", text: il.reason }) : null))
+    il.active || il.latched ? h("div", { class: "error", text: il.reason }) : null))
     : [h("li", { class: "muted", text: "No interlocks configured." })]));
 }
 
