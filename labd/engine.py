@@ -10,6 +10,7 @@ commands; a pause is requested directly (bluesky allows ``request_pause`` from a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from bluesky.run_engine import RunEngine, RunEngineResult
-from bluesky.utils import RunEngineInterrupted
+from bluesky.run_engine import RunEngine, RunEngineResult, TransitionError
+from bluesky.utils import Msg, RunEngineInterrupted
 
 from protocols.registry import Registry
 from protocols.stubs import STEPS
@@ -55,6 +56,8 @@ class RunInfo:
     started: float
     run_uids: list[str]
     progress: dict[str, Any]
+    #: The last stop document's exit status and reason (what the run itself says it ended as).
+    stop: tuple[str, str] | None = None
 
 
 class Engine:
@@ -92,6 +95,9 @@ class Engine:
             self.RE.subscribe(subscriber)
         self.RE.subscribe(self._on_document)
         self.RE.state_hook = self._on_re_state
+        self.RE.msg_hook = self._on_msg
+        #: An immediate pause was requested and the RunEngine has not paused yet (see _on_msg).
+        self._pause_pending = False
         #: Checked before each item starts; returns a reason to refuse (e.g. an interlock).
         self.start_guards: list[Callable[[str], str | None]] = []
 
@@ -110,11 +116,36 @@ class Engine:
             info.progress["seq_num"] = doc.get("seq_num")
             info.progress["last_event_time"] = doc.get("time")
         elif name == "stop":
+            info.stop = (str(doc.get("exit_status")), str(doc.get("reason") or ""))
             self.events.publish("run_stopped", item_uid=info.entry.item_uid,
                                 run_uid=doc.get("run_start"), exit_status=doc.get("exit_status"))
 
     def _on_re_state(self, new: str, old: str) -> None:
+        if new != "pausing":
+            self._pause_pending = False
         self.events.publish("re_state", state=str(new), previous=str(old))
+
+    def _on_msg(self, msg: Msg) -> None:
+        """RunEngine.msg_hook (on the RunEngine's loop, in its run task, before each message).
+
+        Why: bluesky's immediate pause cancels the RunEngine's task, and a cancellation that
+        lands where it is swallowed (seen in the read of an event: asyncio.wait_for of Python
+        3.11 can lose a cancellation that races the completion) is lost: the RunEngine stays
+        ``pausing`` while the plan goes on to its end, and then raises RunEngineInterrupted
+        although nothing paused (a technician's "pause now" ignored, the run then misread).
+        A message taken while ``pausing`` is that case: a delivered pause takes no message
+        until it is resumed. The cancellation is sent again at the next ``checkpoint``: its
+        handler does not suspend, so the cancellation lands at the top of the RunEngine's loop
+        right after the new checkpoint, where a deferred pause would, and the resumed run
+        replays nothing (sent at any other message it could land in a ``save`` and repeat an
+        event)."""
+        if (self._pause_pending and msg.command == "checkpoint"
+                and self.RE.state == "pausing"):
+            task = asyncio.current_task()
+            if task is not None:
+                log.warning("the pause was not delivered to the RunEngine; sending it again at "
+                            "this checkpoint")
+                task.cancel()
 
     def _set_state(self, state: EngineState) -> None:
         self.state = state
@@ -179,7 +210,18 @@ class Engine:
             defer = True
             self.events.publish("pause_deferred", step=busy,
                                 reason=f"pausing after the step in progress: {busy}")
-        self.RE.request_pause(defer=defer)
+        # The worker says RUNNING a moment before the RunEngine runs the plan (which cannot be
+        # paused while it is idle): wait for it, briefly.
+        deadline = time.monotonic() + 5.0
+        while (self.RE.state == "idle" and self.state is EngineState.RUNNING
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        self._pause_pending = not defer
+        try:
+            self.RE.request_pause(defer=defer)
+        except TransitionError as exc:
+            self._pause_pending = False
+            raise EngineError(f"nothing to pause: {exc}") from None
 
     def control(self, command: Control, reason: str = "") -> None:
         """Resume, stop, abort or halt the current run."""
@@ -292,6 +334,10 @@ class Engine:
             try:
                 result = call()
             except RunEngineInterrupted:
+                if self.RE.state != "paused" and self._last_command in (None, Control.RESUME):
+                    # Nobody stopped it: a pause that bluesky lost while the plan ran to its
+                    # end (see _on_msg). The run says itself how it ended.
+                    return self._ended_by_itself()
                 if self.RE.state != "paused":  # stopped/aborted/halted from another thread
                     if not self._interrupt_done.wait(30) or self._interrupt_result is None:
                         return ExitStatus.ABORTED, self._interrupt_reason or "interrupted"
@@ -308,6 +354,18 @@ class Engine:
                 }.get(command, lambda r=reason: self.RE.abort(r))  # type: ignore[misc]
                 continue
             return self._classify(result)
+
+    def _ended_by_itself(self) -> tuple[ExitStatus, str | None]:
+        stop = self.current.stop if self.current else None
+        log.warning("the RunEngine reported an interruption nobody asked for; the run ended "
+                    "as its stop document says: %s", stop)
+        if stop is None:
+            return ExitStatus.FAILED, "the run ended without a stop document"
+        exit_status, reason = stop
+        if exit_status == "success":
+            return ExitStatus.SUCCESS, None
+        status = ExitStatus.ABORTED if exit_status == "abort" else ExitStatus.FAILED
+        return status, reason or exit_status
 
     def _classify(self, result: RunEngineResult) -> tuple[ExitStatus, str | None]:
         """The history's exit status: what the RunEngine says, refined by what was asked."""

@@ -19,6 +19,7 @@ from labd.api.server import ApiService
 from labd.app import Daemon
 from labd.config import DaemonConfig
 from labd.engine import EngineState
+from labd.store import ExitStatus
 from protocols.registry import Registry, protocol
 from tests.support.procs import wait_until
 
@@ -71,9 +72,12 @@ class Cell:
             self.daemon.shutdown()
 
     def wait_idle(self) -> None:
-        eng = self.daemon.engine
+        """Nothing runs or is about to: the worker may have taken an item (recorded as running
+        in the history) a moment before the engine's state says so."""
+        eng, store = self.daemon.engine, self.daemon.store
         wait_until(lambda: eng.state is EngineState.IDLE and eng._immediate.empty()
-                   and not (eng.queue_running and self.daemon.store.queue()),
+                   and not (eng.queue_running and store.queue())
+                   and not any(h.status is ExitStatus.RUNNING for h in store.history()),
                    what="the engine to be idle")
 
 
