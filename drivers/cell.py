@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from .aio import wait_for
 from .instruments.balance import Balance, BalanceSettings
 from .instruments.doser import Doser, DoserSettings
 from .instruments.furnace import Furnace, FurnaceSettings
@@ -88,7 +89,7 @@ class CellDevices:
         try:
             start = getattr(client, "start", None)
             if start is not None:
-                await asyncio.wait_for(start(), timeout)
+                await wait_for(start(), timeout)
             await self.devices[name].connect(timeout=timeout)
         except Exception as exc:  # reported per device; the others go on
             text = str(exc).strip().replace("\n", " ") or type(exc).__name__
@@ -131,7 +132,7 @@ class CellDevices:
             if safe is None:
                 return None
             try:
-                await asyncio.wait_for(safe(), timeout)
+                await wait_for(safe(), timeout)
             except Exception as exc:
                 log.error("%s: safe state failed: %s", name, exc)
                 return f"{type(exc).__name__}: {exc}"

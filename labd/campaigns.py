@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from drivers.aio import wait_for
 from protocols.campaign import Campaign, CampaignSpec
 from protocols.registry import ProtocolError
 
@@ -506,7 +507,7 @@ class CampaignService:
                 return
             # A batch runs for minutes; the timeout is a safety net, the events wake us.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(live.wake.wait(), 5.0)
+                await wait_for(live.wake.wait(), 5.0)
             live.wake.clear()
 
     async def _step(self, live: _Live) -> None:

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from drivers.aio import wait_for
+
 from .config import ConfigError, HubConfig
 from .journal import Journal, JournalClosed
 
@@ -389,7 +391,7 @@ async def _child(out: IO[str]) -> None:
     async def refresh() -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(poke.wait(), POLL_INTERVAL)
+                await wait_for(poke.wait(), POLL_INTERVAL)
             poke.clear()
             await asyncio.to_thread(view.refresh)
 

@@ -70,6 +70,8 @@ from typing import Any, Literal
 from bluesky.suspenders import SuspendBoolHigh
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drivers.aio import cancel_and_wait, wait_for
+
 from .engine import Control, Engine, EngineError, EngineState
 
 log = logging.getLogger("labd.safety")
@@ -601,14 +603,12 @@ class SafetyService:
             self._remove_listener = None
         with contextlib.suppress(ValueError):
             self.engine.start_guards.remove(self._guard)
-        for t in self._tasks:
-            t.cancel()
         for il in self.interlocks.values():
-            if il.handling is not None:
-                self._tasks.append(il.handling)
             if il.suspender is not None:
                 self.engine.RE.remove_suspender(il.suspender)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)  # the watchers
+        handling = [il.handling for il in self.interlocks.values() if il.handling is not None]
+        await asyncio.gather(*handling, return_exceptions=True)  # a safe state is finished
         self._tasks.clear()
         if self.event_log is not None:
             self.event_log.close()
@@ -692,7 +692,7 @@ class SafetyService:
         while True:
             p.wake.clear()
             try:
-                p.values = await asyncio.wait_for(self._poll_once(dev), cfg.poll_timeout_s)
+                p.values = await wait_for(self._poll_once(dev), cfg.poll_timeout_s)
                 p.at = time.monotonic()
                 p.failures, p.error = 0, None
             except asyncio.CancelledError:
@@ -703,14 +703,14 @@ class SafetyService:
                 log.debug("interlock poll of %s failed (%d): %s", dev, p.failures, p.error)
             self.evaluate(f"poll {dev}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(p.wake.wait(), cfg.poll_period_s)
+                await wait_for(p.wake.wait(), cfg.poll_period_s)
 
     async def _evaluate_loop(self) -> None:
         """Periodic evaluation: arms/disarms ``during_run`` interlocks as runs start and end."""
         assert self._wake is not None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_period_s)
+                await wait_for(self._wake.wait(), self.config.poll_period_s)
             self._wake.clear()
             self.evaluate("periodic")
 
@@ -837,7 +837,7 @@ class SafetyService:
             # The abort returns once the plan is interrupted (its cleanup goes on): request it
             # first, so a device stopped by the safe state does not fail the plan instead.
             try:
-                await asyncio.wait_for(asyncio.shield(abort), 2.0)
+                await wait_for(asyncio.shield(abort), 2.0)
                 aborted = item
             except TimeoutError:
                 abort_error = "the abort did not return within 2 s"

@@ -47,6 +47,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..aio import wait_for
 from ..errors import (
     DeviceTimeout,
     DriverError,
@@ -481,7 +482,7 @@ class Gantry:
             # the session below reads it.
             while self._in_session and (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(left, self.settings.poll_interval_s))
+                    await wait_for(event.wait(), min(left, self.settings.poll_interval_s))
                 if event.is_set():
                     assert self.last_status is not None
                     return self.last_status

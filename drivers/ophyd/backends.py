@@ -34,6 +34,8 @@ from ophyd_async.core import (
     make_datakey,
 )
 
+from ..aio import wait_for
+
 log = logging.getLogger(__name__)
 
 ALARM_NONE = 0
@@ -147,7 +149,7 @@ class QuerySignalBackend(_ValueBackend[SignalDatatypeT], Generic[SignalDatatypeT
         if self._read is None:
             return
         try:
-            await asyncio.wait_for(self.get_reading(), timeout)
+            await wait_for(self.get_reading(), timeout)
         except Exception as exc:
             raise NotConnectedError(f"{self._source}: {exc}") from exc
 
@@ -252,8 +254,8 @@ class PushSignalBackend(_ValueBackend[SignalDatatypeT], Generic[SignalDatatypeT]
     async def connect(self, timeout: float) -> None:
         try:
             if self._on_connect is not None:
-                await asyncio.wait_for(self._on_connect(), timeout)
-            await asyncio.wait_for(self._first.wait(), timeout)
+                await wait_for(self._on_connect(), timeout)
+            await wait_for(self._first.wait(), timeout)
         except TimeoutError as exc:
             raise NotConnectedError(f"{self._source}: no value within {timeout} s") from exc
 

@@ -56,6 +56,7 @@ from typing import Any
 import aiomqtt
 from aiomqtt import MqttError, Will
 
+from ..aio import wait_for
 from ..errors import DeviceTimeout, DriverError, NotConnected, ProtocolError
 from .stats import TransportStats
 from .wirelog import WireLog
@@ -151,7 +152,7 @@ class Expectation:
 
     async def wait(self, timeout: float, *, command: str | None = None) -> MqttMessage:
         try:
-            return await asyncio.wait_for(asyncio.shield(self.future), timeout)
+            return await wait_for(asyncio.shield(self.future), timeout)
         except TimeoutError:
             raise DeviceTimeout(
                 self.conn.name, command, timeout,
@@ -242,7 +243,7 @@ class MqttConnection:
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected (subscriptions restored). Raises :class:`NotConnected`."""
         try:
-            await asyncio.wait_for(self.connected_event.wait(), timeout)
+            await wait_for(self.connected_event.wait(), timeout)
         except TimeoutError:
             raise NotConnected(
                 self.name, None,
@@ -331,7 +332,7 @@ class MqttConnection:
                 break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await wait_for(self._wake.wait(), delay)
             delay = min(delay * 2, self.backoff_max)
 
     async def _restore(self, client: aiomqtt.Client) -> None:

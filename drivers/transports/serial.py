@@ -58,6 +58,7 @@ from typing import Any, TypeVar, overload
 import serial
 import serial_asyncio_fast
 
+from ..aio import wait_for
 from ..errors import RETRYABLE, DeviceTimeout, DriverError, NotConnected, ProtocolError
 from .stats import TransportStats
 from .wirelog import WireLog
@@ -285,7 +286,7 @@ class SerialTransport:
             proto.transport.close()
         # Wait for the port to be really closed (fd released) before anyone reopens it.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proto.closed), 1.0)
+            await wait_for(asyncio.shield(proto.closed), 1.0)
 
     async def _ensure_open(self, command: str | None, deadline: float) -> _LinkProtocol:
         if self._proto is not None:
@@ -527,7 +528,7 @@ class SerialSession:
         if remaining <= 0:
             return False
         try:
-            await asyncio.wait_for(proto.waiter(), remaining)
+            await wait_for(proto.waiter(), remaining)
         except TimeoutError:
             return False
         return True

@@ -43,6 +43,7 @@ from .tokens import NAME_RE, Role, TokenError, TokenStore
 if TYPE_CHECKING:
     from ..app import Daemon
 
+from drivers.aio import wait_for
 from protocols.registry import ProtocolError
 
 log = logging.getLogger("labd.api")
@@ -407,7 +408,7 @@ def create_app(
         token = token or bearer(ws.headers.get("authorization"))
         if token is None:
             try:
-                first = await asyncio.wait_for(ws.receive_json(), 10.0)
+                first = await wait_for(ws.receive_json(), 10.0)
                 token = first.get("token") if isinstance(first, dict) else None
             except (TimeoutError, ValueError, WebSocketDisconnect):
                 token = None

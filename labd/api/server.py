@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
+from drivers.aio import wait_for
+
 from .app import Live, create_app
 from .auth import bootstrap_admin
 from .tokens import TokenStore
@@ -123,7 +125,7 @@ class ApiService:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 10)
+                await wait_for(asyncio.shield(self._task), 10)
             except TimeoutError:
                 self._server.force_exit = True
                 self._task.cancel()

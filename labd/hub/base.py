@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from drivers.aio import wait_for
 from labd.journal import Journal, JournalRecord
 from labd.samples import SAMPLE_STREAM, SampleError, SampleRow, sample_from_event
 
@@ -184,7 +185,7 @@ class Forwarder(abc.ABC):
                 if not batch:
                     # Woken by the journal's commit listener; the timeout is a safety net.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                        await wait_for(self._wake.wait(), 1.0)
                     # Let a live run's documents gather for a moment: one batch of many costs
                     # the loop (which the RunEngine shares) far less than many batches of one.
                     await asyncio.sleep(self.linger)

@@ -33,6 +33,7 @@ import aiomqtt
 from aiomqtt import MqttCodeError, MqttError
 from aiomqtt.exceptions import MqttConnectError
 
+from drivers.aio import wait_for
 from labd.hub.base import Forwarder, HubError, RunDocuments
 from labd.journal import Journal, JournalRecord
 from labd.samples import SAMPLE_STREAM
@@ -88,7 +89,7 @@ class MqttForwarder(Forwarder):
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(MqttError, TimeoutError):
-                await asyncio.wait_for(client.__aexit__(None, None, None), 2.0)
+                await wait_for(client.__aexit__(None, None, None), 2.0)
             # aiomqtt stores an unexpected disconnection in a future that only its message
             # iterator reads (we never iterate): read it, or asyncio logs it as never retrieved.
             lost = getattr(client, "_disconnected", None)
