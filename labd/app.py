@@ -138,7 +138,8 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         systemd.notify("STATUS=recovering state")
-        for entry in self.store.recover():
+        interrupted = self.store.recover()
+        for entry in interrupted:
             log.warning("%s (%s) was running when the daemon stopped: recorded as interrupted",
                         entry.protocol, entry.item_uid)
             self.events.publish("item_interrupted", item=entry.to_dict())
@@ -160,6 +161,8 @@ class Daemon:
                            timeout=cfg.device_timeout_s + 30)
         for name, reason in report.items():
             self.events.publish("device", name=name, connected=reason is None, error=reason)
+        if interrupted:
+            self._make_safe("a run was interrupted when the daemon stopped")
         self.layout = self.build_layout()
         self._refresh_devices()
         self.spawn(self._retry_devices())
@@ -176,6 +179,25 @@ class Daemon:
         down = [n for n, r in report.items() if r]
         systemd.notify("READY=1", f"STATUS=ready; devices down: {', '.join(down) or 'none'}")
         self._ready.set()
+
+    def _make_safe(self, why: str) -> None:
+        """Drive every device to its safe state (heaters off, motion stopped, dosing stopped).
+
+        At start-up after an interrupted run too: the devices kept the state that run left
+        them in (a re-attached simulated cell, or real hardware, does not reset with the
+        daemon): a furnace still heating its program, a gripper still closed."""
+        assert self.cell is not None
+        try:
+            failures = self.call(self.cell.safe_state(), timeout=40)
+        except Exception as exc:
+            log.error("safe state (%s) failed: %s", why, exc)
+            return
+        for name, err in failures.items():
+            if err:
+                log.error("%s may not be safe: %s", name, err)
+        log.warning("every device driven to its safe state: %s", why)
+        self.events.publish("safe_state", reason=why,
+                            devices={d: (e or "ok") for d, e in failures.items()})
 
     def _refresh_devices(self) -> None:
         assert self.cell is not None
@@ -226,13 +248,7 @@ class Daemon:
             while engine.state is not EngineState.IDLE and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self.cell is not None:
-            try:
-                failures = self.call(self.cell.safe_state(), timeout=40)
-                for name, err in failures.items():
-                    if err:
-                        log.error("%s may not be safe: %s", name, err)
-            except Exception as exc:
-                log.error("safe state failed: %s", exc)
+            self._make_safe("labd is stopping")
         for service in reversed(self.services):
             try:
                 self.call(service.stop(), timeout=15)
