@@ -13,6 +13,8 @@ Requests (``op``):
 ``world``                                 -> crucibles, their contents, locations, heat history
 ``refill_rack`` ``[slots]``                -> the operator replaces used crucibles in rack slots
                                              (all by default) with empty ones
+``clear_cell``                            -> the operator takes every crucible that is not in
+                                             a rack slot out of the cell (after an interruption)
 ``fault`` ``device`` ``fault``            -> inject ``fault`` (see :mod:`hardware_sims.faults`)
 ``clear`` ``device`` ``[kind]``           -> end one kind of fault, or all of that device's
 ``faults`` ``[device]``                   -> the active faults
@@ -121,6 +123,10 @@ class ControlServer:
             result = cell.world.refill_rack(slots)
             log.info("rack refilled: %s", result)
             return result
+        if op == "clear_cell":
+            result = cell.world.clear_cell()
+            log.info("cell cleared by the operator: %s", result)
+            return result
         if op == "faults":
             names = [req["device"]] if req.get("device") else list(cell.devices)
             return {"faults": {n: cell.device(n).faults.state() for n in names}}
@@ -156,8 +162,8 @@ class ControlServer:
                 raise ControlError("time_scale needs a numeric 'value'")
             cell.clock.set_time_scale(float(value))
             return {"time_scale": cell.clock.time_scale}
-        ops = ("ping, endpoints, state, world, refill_rack, faults, fault, clear, action, "
-               "time_scale")
+        ops = ("ping, endpoints, state, world, refill_rack, clear_cell, faults, fault, clear, "
+               "action, time_scale")
         raise ControlError(f"unknown op {op!r}; ops: {ops}")
 
 

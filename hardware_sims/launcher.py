@@ -192,6 +192,11 @@ def _ctl_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("state")
     s.add_argument("device", nargs="?")
     sub.add_parser("world")
+    sub.add_parser("clear-cell", help="the operator takes every crucible outside the rack "
+                                      "away (after an interruption)")
+    r = sub.add_parser("refill-rack", help="the operator replaces used crucibles in rack slots "
+                                           "(default: all) with empty ones")
+    r.add_argument("slots", nargs="*")
     f = sub.add_parser("fault", help="inject a fault")
     f.add_argument("device")
     f.add_argument("kind", choices=[k.value for k in FaultKind])
@@ -222,6 +227,10 @@ def ctl_main(argv: list[str] | None = None) -> int:
         req = {"op": "state", "device": args.device}
     elif args.cmd == "world":
         req = {"op": "world"}
+    elif args.cmd == "clear-cell":
+        req = {"op": "clear_cell"}
+    elif args.cmd == "refill-rack":
+        req = {"op": "refill_rack", "slots": args.slots or None}
     elif args.cmd == "fault":
         fault = {"kind": args.kind}
         fault.update(

@@ -263,6 +263,28 @@ class World:
             placed[slot] = cid
         return {"refilled": placed, "removed": taken}
 
+    def clear_cell(self) -> dict[str, object]:
+        """The operator clears the cell after an interruption: every crucible that is not in a
+        rack slot (in the gripper, in the furnace, on the balance, at the doser or the station)
+        is taken out of the cell (kept in :attr:`removed` with its story). Rack slots are left
+        as they are (:meth:`refill_rack` is the other half of the job). Returns the ids taken
+        out and where each was."""
+        taken: dict[str, str] = {}
+        if self.held is not None:
+            taken[self.held.id] = "gripper"
+            self.held.location = None
+        for crucible in list(self.crucibles.values()):
+            where = crucible.location
+            loc = self.locations.get(where) if where is not None else None
+            if loc is not None and loc.kind == "rack":
+                continue
+            taken.setdefault(crucible.id, where or "gripper")
+            del self.crucibles[crucible.id]
+            crucible.location = "removed"
+            self.removed[crucible.id] = crucible
+        self.held = None
+        return {"removed": taken}
+
     # -- processes -----------------------------------------------------------------------------
     def add_powder(self, location: str, element: str, mg: float) -> Crucible | None:
         """Powder dosed at ``location``; returns the crucible that received it (None: spilled)."""

@@ -66,3 +66,65 @@ async def test_refill_over_the_control_channel(tmp_path: Path) -> None:
         assert bad == {"ok": False, "error": "slots must be a list of rack slot names"}
         bad = await asyncio.to_thread(ctl.request, op="refill_rack", slots=["furnace/1"])
         assert not bad["ok"] and "not rack slots: ['furnace/1']" in bad["error"]
+
+
+def test_clear_cell_takes_out_every_crucible_outside_the_rack() -> None:
+    """After an interruption the interrupted batch's crucibles are anywhere: in the furnace, in
+    the gripper, at the doser. Clearing the cell takes those out (their story kept) and leaves
+    the rack alone."""
+    world = World(WorldConfig(crucibles=4), VirtualClock(1.0),
+                  SyntheticLandscape(["Fe", "Ni"], seed=0))
+    in_furnace = world.crucible_at("rack/1")
+    at_doser = world.crucible_at("rack/2")
+    held = world.crucible_at("rack/3")
+    assert in_furnace and at_doser and held
+    in_furnace.location, in_furnace.sample_id = "furnace/1", "S-1"
+    at_doser.location = "doser"
+    held.location, world.held = None, held
+    out = world.clear_cell()
+    assert out == {"removed": {in_furnace.id: "furnace/1", at_doser.id: "doser",
+                               held.id: "gripper"}}
+    assert world.held is None and set(world.crucibles) == {"C004"}
+    assert world.crucible_at("rack/4").id == "C004"  # type: ignore[union-attr]
+    assert world.state()["removed"][in_furnace.id]["sample_id"] == "S-1"  # type: ignore[index]
+    assert world.clear_cell() == {"removed": {}}  # nothing left to take
+
+
+def test_labd_simctl_clears_the_cell_and_refills_the_rack(tmp_path: Path) -> None:
+    """The operator's commands, as a technician types them against a running simulated cell."""
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    cfg = validate_config({
+        "cell": "clear", "run_dir": str(tmp_path / "run"), "control": {"port": 0},
+        "world": {"crucibles": 2},
+        "devices": {name: {"enabled": False} for name in DEVICE_CLASSES}})
+    simctl = str(Path(sys.executable).parent / "labd-simctl")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    cell = SimCell(cfg)
+    asyncio.run_coroutine_threadsafe(cell.start(), loop).result(30)
+    try:
+        used(cell.world, "rack/1", "S-1")
+        crucible = cell.world.crucible_at("rack/2")
+        assert crucible is not None
+        crucible.location = "furnace/2"
+        control = cell.endpoints()["control"]
+
+        def run(*args: str) -> dict[str, object]:
+            done = subprocess.run([simctl, "--control", control, *args], capture_output=True,
+                                  text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            reply: dict[str, object] = json.loads(done.stdout)
+            return reply
+
+        assert run("clear-cell") == {"removed": {"C002": "furnace/2"}}
+        assert run("refill-rack") == {"refilled": {"rack/1": "C003", "rack/2": "C004",
+                                                   **{f"rack/{i}": f"C{i + 2:03d}"
+                                                      for i in range(3, 13)}},
+                                      "removed": ["C001"]}
+    finally:
+        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
