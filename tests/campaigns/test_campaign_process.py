@@ -8,16 +8,18 @@ with an empty crucible each (``world.locations``/``world.crucibles``), enough fo
 the batch spoiled by the kill. The protocol's waits are short (anneal 60 s at 400 °C, unload
 below 380 °C, 20 s station measurement, virtual time at 2000x) so a campaign takes about a minute.
 
-After the kill and restart the campaign is paused for the operator (the interrupted batch's
-crucibles are somewhere in the cell). The test plays the operator: a clean stop of labd (which
-stops the simulated cell; started again it is a cleared cell with a full rack), start, and
-``labctl campaign resume``.
+After the kill the simulated cell goes on (as a real cell would: a daemon crash does not reset
+the hardware), and the restarted labd re-attaches to it. The campaign is paused for the operator:
+the interrupted batch's crucibles are somewhere in the cell. The test plays the operator:
+``labd-simctl clear-cell`` (the crucibles outside the rack taken away), then ``labctl campaign
+resume``; the campaign skips the rack slots it used.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,7 @@ import pytest
 import yaml
 
 from tests.conftest import OER_CSV
-from tests.support.labd import LabdProcess, wait_until
+from tests.support.labd import LABD, LabdProcess, wait_until
 from tests.support.procs import Mosquitto
 
 SPEC = Path(__file__).parents[2] / "config" / "campaigns" / "oer-demo.yaml"
@@ -168,12 +170,31 @@ def test_sigkill_in_the_middle_then_restart(labd: LabdProcess) -> None:
     assert hist[0]["status"] == "interrupted"
     interrupted_ids = set(hist[0]["params"] and [s["sample_id"] for s in
                                                  hist[0]["params"]["samples"]])
-    # the operator: stop labd (SIGTERM), clear the cell by hand, start labd, resume
-    assert labd.signal(signal.SIGTERM) == 0
-    c.close()
-    # A clean stop stops the simulated cell too; started again, it is a cleared cell with a
-    # full rack (the operator's part). The campaign still skips the rack slots it used.
-    c = labd.start()
+    # The same simulated cell, re-attached: the interrupted batch's crucibles are still out
+    # of the rack. The operator takes them away, then resumes the campaign.
+    log = labd.log.read_text()
+    assert "re-attached to the simulated cell" in log
+    assert "every device driven to its safe state: a run was interrupted" in log
+    simctl = [str(LABD.parent / "labd-simctl"), "--control", labd.endpoints()["control"]]
+
+    def sim_state(device: str) -> dict[str, Any]:
+        out = subprocess.run([*simctl, "state", device], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        state: dict[str, Any] = json.loads(out)["state"]
+        return state
+
+    # the restarted daemon made the cell safe: heater off, the gripper open
+    furnace = sim_state("furnace")
+    assert furnace["instrument_mode"] == 1 and not furnace["heater_on"], furnace
+    assert not sim_state("gantry")["gripper_closed"]
+    world = json.loads(subprocess.run([*simctl, "world"], capture_output=True, text=True,
+                                      check=True, timeout=30).stdout)["world"]
+    outside = {cid_ for cid_, cr in world["crucibles"].items()
+               if not str(cr["location"]).startswith("rack/")}
+    assert outside, world["crucibles"]
+    cleared = subprocess.run([*simctl, "clear-cell"], capture_output=True, text=True,
+                             check=True, timeout=30)
+    assert set(json.loads(cleared.stdout)["removed"]) == outside
     r = labd.labctl("campaign", "resume", cid)
     assert r.returncode == 0, r.stderr
     wait_until(lambda: c.get(f"/campaigns/{cid}").json()["status"] == "finished", 240,
