@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,29 +78,34 @@ class Mosquitto:
         return f"{self.host}:{self.port}"
 
 
+def _polls(predicate: Callable[[], Any], timeout: float, what: str,
+           error: type[Exception]) -> Iterator[Any]:
+    """The polling both waits share: yields None between looks at ``predicate``, then its first
+    truthy value; raises ``error`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout} s waiting for {what or predicate}")
+        yield None
+    yield value
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
                interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy, and return that (a thread's wait on
     state, not a fixed sleep); AssertionError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
+    for value in _polls(predicate, timeout, what, AssertionError):
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
 
 
 async def wait_for(
     predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> object:
-    """Poll ``predicate`` until it returns something truthy (state, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
+    """Poll ``predicate`` until it returns something truthy (state, not a fixed sleep); on the
+    loop, TimeoutError after ``timeout`` seconds."""
+    for value in _polls(predicate, timeout, what, TimeoutError):
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
