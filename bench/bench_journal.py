@@ -7,8 +7,9 @@
    PostgreSQL (private cluster, every transaction committed), from a journal filled beforehand;
 3. the per-event cost of ``bp.count`` of a soft signal: bare RunEngine (no subscriber); journal
    only; journal with both forwarders as tasks on the RunEngine's loop (the first design, kept
-   for comparison); and journal with both forwarders in the daemon's forwarder process
-   (:class:`labd.hubservice.HubService`, as the daemon runs them). Forwarders deliver as the run
+   for comparison); and the daemon's own set-up: the engine's RunEngine with its hooks
+   (:class:`labd.engine.Engine`), the journal, and both forwarders in the daemon's forwarder
+   process (:class:`labd.hubservice.HubService`). Forwarders deliver as the run
    goes; the time is measured until the RunEngine returns, and how long the hub then takes to
    catch up is printed too.
 
@@ -32,10 +33,13 @@ from bluesky.run_engine import RunEngine, call_in_bluesky_event_loop
 from ophyd_async.core import soft_signal_rw
 
 from labd.config import HubConfig
+from labd.engine import Engine
 from labd.hub import MqttForwarder, PostgresForwarder
 from labd.hub.base import Forwarder
 from labd.hubservice import HubService
 from labd.journal import Journal
+from labd.store import Store
+from protocols.registry import Registry
 from tests.hub.conftest import synthetic_run
 from tests.support.postgres import PostgresServer
 from tests.support.procs import Mosquitto
@@ -113,10 +117,17 @@ def main() -> None:
         setups: dict[str, RunEngine] = {}
         setups["bare"] = RunEngine(context_managers=[])
         journals: dict[str, Journal] = {}
-        for key in ("journal", "loop", "process"):
+        for key in ("journal", "loop"):
             setups[key] = RunEngine(context_managers=[])
             journals[key] = Journal(work / f"run-{key}.sqlite")
             setups[key].subscribe(journals[key].subscriber)
+        # As the daemon runs it: the engine's own RunEngine, with its hooks (document, state and
+        # message hooks), the journal first, the forwarders in their process.
+        journals["process"] = Journal(work / "run-process.sqlite")
+        store = Store(work / "engine.sqlite")
+        engine = Engine(store, Registry(), cell="bench-process",
+                        first_subscribers=[journals["process"].subscriber])
+        setups["process"] = engine.RE
         fwds: list[Forwarder] = [
             # cells of their own: one MQTT client id per cell (the broker would otherwise hand
             # the session from one forwarder to the other, back and forth)
@@ -162,6 +173,7 @@ def main() -> None:
         call_in_bluesky_event_loop(hub.stop())
         for j in journals.values():
             j.close()
+        store.close()
         med = {key: statistics.median(v) for key, v in times.items()}
         bare = med["bare"]
         n = args.events
@@ -172,7 +184,7 @@ def main() -> None:
         print(f"  journal + MQTT + PostgreSQL, forwarders on the RunEngine's loop (before):"
               f" {med['loop'] * 1e3:.3f} ms/event (ratio {med['loop'] / bare:.2f});"
               f" hub caught up {max(lags['loop']):.3f} s after the run returned")
-        print(f"  journal + MQTT + PostgreSQL, forwarder process as in the daemon (after):"
+        print(f"  the daemon's engine + journal + MQTT + PostgreSQL (forwarder process):"
               f" {med['process'] * 1e3:.3f} ms/event (ratio {med['process'] / bare:.2f});"
               f" hub caught up {max(lags['process']):.3f} s after the run returned")
         print(f"ratio (with hub, as the daemon runs it / bare): {med['process'] / bare:.2f}"
