@@ -162,7 +162,7 @@ class Daemon:
         for name, reason in report.items():
             self.events.publish("device", name=name, connected=reason is None, error=reason)
         if interrupted:
-            self._make_safe("a run was interrupted when the daemon stopped")
+            self._make_safe("a run was interrupted when the daemon stopped", logging.WARNING)
         self.layout = self.build_layout()
         self._refresh_devices()
         self.spawn(self._retry_devices())
@@ -180,7 +180,7 @@ class Daemon:
         systemd.notify("READY=1", f"STATUS=ready; devices down: {', '.join(down) or 'none'}")
         self._ready.set()
 
-    def _make_safe(self, why: str) -> None:
+    def _make_safe(self, why: str, level: int) -> None:
         """Drive every device to its safe state (heaters off, motion stopped, dosing stopped).
 
         At start-up after an interrupted run too: the devices kept the state that run left
@@ -195,7 +195,7 @@ class Daemon:
         for name, err in failures.items():
             if err:
                 log.error("%s may not be safe: %s", name, err)
-        log.warning("every device driven to its safe state: %s", why)
+        log.log(level, "every device driven to its safe state: %s", why)
         self.events.publish("safe_state", reason=why,
                             devices={d: (e or "ok") for d, e in failures.items()})
 
@@ -248,7 +248,7 @@ class Daemon:
             while engine.state is not EngineState.IDLE and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self.cell is not None:
-            self._make_safe("labd is stopping")
+            self._make_safe("labd is stopping", logging.INFO)
         for service in reversed(self.services):
             try:
                 self.call(service.stop(), timeout=15)
