@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--hub-docs", type=int, default=20_000)
     ap.add_argument("--events", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labd-bench-"))
     broker = Mosquitto(work).start()
