@@ -645,17 +645,15 @@ class CampaignService:
         if batch is None or batch.item_uid is None:
             return
         store = self.daemon.store
-        try:
-            entry = await asyncio.to_thread(store.history_entry, batch.item_uid)
-        except StoreError:
-            try:
-                await asyncio.to_thread(store.get, batch.item_uid)
-            except StoreError:  # written, but killed before it reached the queue
-                await self._enqueue(live, batch)
-                return
+        where = await asyncio.to_thread(store.where, batch.item_uid)  # one look: see Store.where
+        if where is None:  # written, but killed before it reached the queue
+            await self._enqueue(live, batch)
+            return
+        if where == "queue":
             if live.status is CampaignStatus.RUNNING and not self.daemon.engine.queue_running:
                 self.daemon.engine.start_queue()
             return
+        entry = await asyncio.to_thread(store.history_entry, batch.item_uid)
         for uid in entry.run_uids:
             self._runs[uid] = live.id
         if entry.status is ExitStatus.RUNNING:

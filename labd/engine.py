@@ -253,7 +253,17 @@ class Engine:
         """Run items until :meth:`shutdown`. Call from the thread that owns the RunEngine calls."""
         self.queue_running = bool(self.store.get_value("queue_running", False))
         while not self._stop.is_set():
-            entry = self._next_entry()
+            try:
+                entry = self._next_entry()
+            except Exception as exc:
+                # A worker that died would leave the daemon up and silently running nothing:
+                # stop the queue, say why, and keep serving (run now, a restarted queue).
+                log.exception("could not take the next item; the queue is stopped")
+                self.stop_queue()
+                self.events.publish("queue_blocked", item_uid=None,
+                                    reason=f"could not take the next item: "
+                                           f"{type(exc).__name__}: {exc}")
+                entry = None
             if entry is None:
                 self._wake.wait(0.5)
                 self._wake.clear()

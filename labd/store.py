@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -173,6 +173,10 @@ class Store:
         items = list(items)
         with self._tx() as db:
             for offset, item in enumerate(items):
+                if db.execute("SELECT 1 FROM history WHERE item_uid = ?",
+                              (item.item_uid,)).fetchone():
+                    raise StoreError(f"item {item.item_uid!r} has already run (it is in the "
+                                     "history); an item runs once")
                 positions = self._positions(db)
                 pos = self._position_for(positions, None if index is None else index + offset)
                 db.execute(
@@ -186,6 +190,19 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT * FROM queue ORDER BY position").fetchall()
         return [self._item(r) for r in rows]
+
+    def where(self, item_uid: str) -> Literal["queue", "history"] | None:
+        """Where the item is, in one look: queued, in the history (running or finished), or
+        unknown. Two separate looks (history, then queue) race the worker, which moves an item
+        from the queue to the history in between: the item would seem to be nowhere."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM queue WHERE item_uid = ?",
+                                (item_uid,)).fetchone():
+                return "queue"
+            if self._db.execute("SELECT 1 FROM history WHERE item_uid = ?",
+                                (item_uid,)).fetchone():
+                return "history"
+        return None
 
     def get(self, item_uid: str) -> QueueItem:
         with self._lock:

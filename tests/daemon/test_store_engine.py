@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -317,3 +318,44 @@ def test_guard_blocks_the_queue(engine: Engine, store: Store) -> None:
 def test_engine_refuses_controls_that_do_not_fit(engine: Engine) -> None:
     with pytest.raises(EngineError, match="cannot resume: the engine is idle"):
         engine.control(Control.RESUME)
+
+
+def test_an_item_runs_once_and_where_is_one_look(store: Store) -> None:
+    """The campaign service re-queues a batch it finds nowhere (killed between writing its uid
+    and queueing it). Looking in the history and then in the queue raced the worker moving the
+    item in between: the batch was queued twice, and the worker died on the second. Now
+    ``where`` is one look, and the store refuses a uid that has already run."""
+    queued = store.add(item(num=1))
+    assert store.where(queued.item_uid) == "queue"
+    assert store.where("nope") is None
+    entry = store.take_next()
+    assert entry is not None and store.where(queued.item_uid) == "history"
+    with pytest.raises(StoreError, match="has already run"):
+        store.add(queued)
+    assert store.queue() == []
+
+
+def test_the_worker_survives_an_error_taking_the_next_item(
+        engine: Engine, store: Store, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A store error while taking the next item stops the queue and says why; the worker
+    thread lives on (before, it died and the daemon ran nothing more, silently)."""
+    real = store.take_next
+    calls: list[int] = []
+
+    def broken() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: history.item_uid")
+        return real()
+
+    monkeypatch.setattr(store, "take_next", broken)
+    store.add(item(num=2))
+    with caplog.at_level(logging.ERROR, logger="labd.engine"):
+        engine.start_queue()
+        wait_state(engine, lambda: calls and not engine.queue_running)
+    assert "could not take the next item" in caplog.text
+    assert len(store.queue()) == 1  # nothing was lost
+    engine.start_queue()  # the technician starts it again: the worker is alive
+    wait_state(engine, lambda: store.history() and store.history()[0].status
+               is ExitStatus.SUCCESS)
