@@ -8,46 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bluesky.plan_stubs as bps
-import bluesky.plans as bp
 import httpx
 import pytest
 from ophyd_async.core import soft_signal_rw
-from pydantic import BaseModel, Field
 
 from labd.api.server import ApiService
 from labd.app import Daemon
 from labd.config import DaemonConfig
 from labd.engine import EngineState
 from labd.store import ExitStatus
-from protocols.registry import Registry, protocol
 from tests.support.procs import wait_until
+from tests.support.protocols import make_registry
 
 __all__ = ["Cell", "make_registry", "wait_until"]
-
-
-class CountParams(BaseModel):
-    num: int = Field(3, ge=1, le=10000, description="events")
-    delay: float = Field(0.0, ge=0, le=5, description="seconds between events")
-
-
-class FailParams(BaseModel):
-    message: str = "boom"
-
-
-def make_registry() -> Registry:
-    reg = Registry()
-
-    @protocol("count", CountParams, title="Count", needs=("sig",), registry=reg)
-    def count(devices: Any, p: CountParams) -> Any:
-        return (yield from bp.count([devices["sig"]], p.num, delay=p.delay))
-
-    @protocol("fail", FailParams, title="Fail", registry=reg)
-    def fail(devices: Any, p: FailParams) -> Any:
-        yield from bps.null()
-        raise RuntimeError(p.message)
-
-    return reg
 
 
 @dataclass

@@ -32,29 +32,14 @@ import yaml
 from tests.conftest import OER_CSV
 from tests.support.labd import LABD, LabdProcess, wait_until
 from tests.support.procs import Mosquitto
+from tests.support.protocols import campaign_cell
 
 SPEC = Path(__file__).parents[2] / "config" / "campaigns" / "oer-demo.yaml"
 BUDGET = 40
 
 
-def sim_config() -> dict[str, Any]:
-    locations: dict[str, Any] = {
-        f"rack/{i + 1}": {"kind": "rack", "x": 20.0 + 22.0 * (i % 8), "y": 20.0 + 20.0 * (i // 8),
-                          "z": -40.0} for i in range(48)}
-    locations.update({
-        "doser": {"kind": "doser", "x": 250.0, "y": 40.0, "z": -35.0},
-        "balance": {"kind": "balance", "x": 250.0, "y": 120.0, "z": -35.0},
-        **{f"furnace/{i + 1}": {"kind": "furnace", "x": 340.0 + 20.0 * i, "y": 200.0,
-                                "z": -60.0} for i in range(4)},
-        "station": {"kind": "station", "x": 120.0, "y": 250.0, "z": -30.0},
-        "park": {"kind": "park", "x": 0.0, "y": 0.0, "z": 0.0},
-    })
-    return {"world": {"locations": locations, "crucibles": 48, "anneal_hold_s": 30},
-            "devices": {"station": {"measure_s": 20}}}
-
-
 def make_labd(tmp: Path, broker: Mosquitto) -> LabdProcess:
-    (tmp / "sim.yaml").write_text(yaml.safe_dump(sim_config()))
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(campaign_cell(48, per_row=8)))
     (tmp / "labd.yaml").write_text(yaml.safe_dump({"simulator": {
         "config": str(tmp / "sim.yaml"), "time_scale": 2000, "ground_truth": str(OER_CSV),
         "goal": "minimize"}}))

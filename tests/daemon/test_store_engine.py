@@ -21,39 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
-import bluesky.plans as bp
 import pytest
 from ophyd_async.core import soft_signal_rw
-from pydantic import BaseModel, Field
 
 from labd.engine import Control, Engine, EngineError, EngineState
 from labd.store import ExitStatus, QueueItem, Store, StoreError
 from protocols.registry import ProtocolError, Registry, protocol
+from tests.support.protocols import FailParams
+from tests.support.protocols import make_registry as make_test_registry
 from tests.support.runengine import ValidatedDocuments, in_re_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class CountParams(BaseModel):
-    num: int = Field(3, ge=1, le=1000, description="events")
-    delay: float = Field(0.0, ge=0, le=5, description="seconds between events")
-
-
-class FailParams(BaseModel):
-    message: str = "boom"
-
-
 def make_registry() -> Registry:
-    reg = Registry()
-
-    @protocol("count", CountParams, title="Count", needs=("sig",), registry=reg)
-    def count(devices: Any, p: CountParams) -> Any:
-        return (yield from bp.count([devices["sig"]], p.num, delay=p.delay))
-
-    @protocol("fail", FailParams, title="Fail", registry=reg)
-    def fail(devices: Any, p: FailParams) -> Any:
-        yield from bps.null()
-        raise RuntimeError(p.message)
+    reg = make_test_registry()  # count, fail
 
     @protocol("stubborn_read", FailParams, title="Stubborn", needs=("stubborn",), registry=reg)
     def stubborn_read(devices: Any, p: FailParams) -> Any:

@@ -19,6 +19,7 @@ import yaml
 from playwright.sync_api import expect
 
 from tests.support.procs import Mosquitto
+from tests.support.protocols import campaign_cell
 
 from .conftest import Labd, wait_until, with_users
 
@@ -49,23 +50,6 @@ def write_pool(path: Path) -> None:
         w.writerows([*k, v] for k, v in rows.items())
 
 
-def sim_config() -> dict[str, Any]:
-    """12 rack slots with an empty crucible each; waits kept short (see the campaign tests)."""
-    locations: dict[str, Any] = {
-        f"rack/{i + 1}": {"kind": "rack", "x": 20.0 + 22.0 * (i % 6), "y": 20.0 + 20.0 * (i // 6),
-                          "z": -40.0} for i in range(12)}
-    locations.update({
-        "doser": {"kind": "doser", "x": 250.0, "y": 40.0, "z": -35.0},
-        "balance": {"kind": "balance", "x": 250.0, "y": 120.0, "z": -35.0},
-        **{f"furnace/{i + 1}": {"kind": "furnace", "x": 340.0 + 20.0 * i, "y": 200.0,
-                                "z": -60.0} for i in range(4)},
-        "station": {"kind": "station", "x": 120.0, "y": 250.0, "z": -30.0},
-        "park": {"kind": "park", "x": 0.0, "y": 0.0, "z": 0.0},
-    })
-    return {"world": {"locations": locations, "crucibles": 12, "anneal_hold_s": 30},
-            "devices": {"station": {"measure_s": 20}}}
-
-
 def spec(name: str, pool: Path, samples: int) -> dict[str, Any]:
     return {"name": name, "elements": {el: {} for el in ELEMENTS}, "pool": str(pool),
             "objective": {"goal": "minimize", "property": "overpotential_V"}, "batch_size": 2,
@@ -79,7 +63,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory,
     tmp = tmp_path_factory.mktemp("labd-campaign-web")
     pool = tmp / "pool.csv"
     write_pool(pool)
-    (tmp / "sim.yaml").write_text(yaml.safe_dump(sim_config()))
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(campaign_cell(12, per_row=6)))
     (tmp / "labd.yaml").write_text(yaml.safe_dump({"simulator": {"config": str(tmp / "sim.yaml")}}))
     daemon = Labd(tmp / "data", mosquitto, tmp / "labd.log", time_scale=2000, args=[
         "--config", str(tmp / "labd.yaml"), "--ground-truth", str(pool), "--goal", "minimize"])
