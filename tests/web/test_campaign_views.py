@@ -157,7 +157,14 @@ def test_start_watch_pause_resume_stop(page: Any, cell: tuple[Labd, Path]) -> No
     expect(page.locator("#campaign-reason")).to_have_text("paused by user")
     expect(page.get_by_role("button", name="Pause campaign")).to_be_disabled()
     free_before = int(budget(page, "empty crucibles"))
-    page.get_by_label("Rack refilled (used crucibles replaced by empty ones)").check()
+    refilled = page.get_by_label("Rack refilled (used crucibles replaced by empty ones)")
+    refilled.check()
+    # The card is drawn again on every campaign event (and on coming back to it): the tick must
+    # survive that, or a resume right after an event goes without it.
+    page.goto(f"{labd.base}/#queue")
+    page.goto(f"{labd.base}/#campaigns/web-demo")
+    expect(card.locator("#campaign-state")).to_have_text("paused")
+    expect(refilled).to_be_checked()
     with page.expect_response(re.compile(r"/campaigns/web-demo/resume$")) as resumed:
         page.get_by_role("button", name="Resume campaign").click()
     assert resumed.value.request.post_data_json == {"refilled": True}

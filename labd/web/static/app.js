@@ -12,6 +12,9 @@ const S = {
   status: null, queue: { items: [], running: false }, history: [], interlocks: {},
   protocols: [], lastControl: null, blocked: null, ws: null, connected: false,
   attempt: 0, retryTimer: null, retryAt: 0, campaigns: null, campaign: null, samples: null,
+  // The "rack refilled" tick per campaign: the card is re-drawn on every campaign event, and a
+  // tick kept only in the element was lost when an event came between the tick and "Resume".
+  refilled: {},
 };
 
 // -- helpers -------------------------------------------------------------------------------------
@@ -683,7 +686,8 @@ function renderCampaignDetail(st, rep, rows) {
   const ctl = (action, label, ok, body) => h("button", {
     type: "button", "data-role": "technician", "data-campaign-control": action, text: label, disabled: !ok,
     onclick: () => campaignControl(id, action, label, body?.()) });
-  const refill = h("input", { type: "checkbox", id: "campaign-refilled" });
+  const refill = h("input", { type: "checkbox", id: "campaign-refilled", checked: !!S.refilled[id],
+    onchange: (ev) => { S.refilled[id] = ev.target.checked; } });
   const best = h("canvas", { width: 520, height: 300, id: "campaign-best", role: "img",
     "aria-label": `Best ${unit} (${goal}) against samples made`, "data-samples": made.length });
   const space = h("canvas", { width: 520, height: 300, id: "campaign-space", role: "img",
@@ -695,7 +699,7 @@ function renderCampaignDetail(st, rep, rows) {
     h("div", { class: "controls", role: "group", "aria-label": `Control campaign ${id}` },
       ctl("pause", "Pause campaign", st.status === "running"),
       h("span", { class: "check" }, refill, h("label", { for: "campaign-refilled", text: "Rack refilled (used crucibles replaced by empty ones)" })),
-      ctl("resume", "Resume campaign", st.status === "paused", () => ({ refilled: refill.checked })),
+      ctl("resume", "Resume campaign", st.status === "paused", () => ({ refilled: !!S.refilled[id] })),
       ctl("stop", "Stop campaign", st.status === "running" || st.status === "paused")),
     h("p", { id: "campaign-control-error", class: "error", role: "alert" }),
     h("dl", { class: "kv", id: "campaign-budget" }, budget.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { "data-key": k, text: String(v) })])),
@@ -721,6 +725,7 @@ async function campaignControl(id, action, label, body) {
   $("#campaign-control-error").textContent = "";
   try {
     await api("POST", `/campaigns/${encodeURIComponent(id)}/${action}`, body ?? {});
+    if (action === "resume") delete S.refilled[id];
     notify(`${label}: done (${id}).`, "info");
   } catch (err) {
     if (!(err instanceof ApiError)) { $("#campaign-control-error").textContent = err.message; return; }
